@@ -1,0 +1,56 @@
+"""Parity of the residual / attention blocks with the official module fixtures."""
+
+import jax.numpy as jnp
+import pytest
+
+from conftest import Ref, flax_to_torch_layout, max_abs, module_params, torch_to_flax_layout
+from vidtok_jax.models import blocks
+
+
+def _kwargs(ref):
+  return ref.meta["config"]["module"]["kwargs"]
+
+
+def _check(module, ref, atol):
+  x = jnp.asarray(torch_to_flax_layout(ref.inputs["x"]))
+  params = module_params(module, ref.params, x)
+  y = flax_to_torch_layout(module.apply({"params": params}, x), ref.out["y"])
+  assert y.shape == ref.out["y"].shape
+  err = max_abs(y, ref.expected("y"))
+  assert err < atol, err
+
+
+@pytest.mark.parametrize("name", ["resnetblock2d_ln_8to8", "resnetblock2d_ln_8to16",
+                                  "resnetblock2d_gn_32to64"])
+def test_resnet_block_2d(name):
+  ref = Ref(name)
+  kw = _kwargs(ref)
+  _check(blocks.ResnetBlock2D(kw["out_channels"], kw["norm_type"]), ref, 1e-5)
+
+
+# The causal 1-D GroupNorm over 2 channels per group is ill-conditioned: the reference README
+# measures 2.4e-4 for float32 PyTorch and suggests 1e-3 for this one fixture.
+@pytest.mark.parametrize("name,causal,atol", [
+    ("resnetcausalblock1d_ln", True, 1e-5), ("resnetcausalblock1d_gn64", True, 1e-3),
+    ("nc_resnetblock1d_ln", False, 1e-5), ("nc_resnetblock1d_gn64", False, 1e-5)])
+def test_temporal_block(name, causal, atol):
+  ref = Ref(name)
+  kw = _kwargs(ref)
+  _check(blocks.TemporalBlock(kw["out_channels"], causal, "v1.0", kw["norm_type"]), ref, atol)
+
+
+@pytest.mark.parametrize("name,causal", [
+    ("resnetcausalblock3d_ln", True), ("resnetcausalblock3d_gn32", True),
+    ("nc_resnetblock3d_ln", False), ("nc_resnetblock3d_gn32", False)])
+def test_resnet_block_3d(name, causal):
+  ref = Ref(name)
+  kw = _kwargs(ref)
+  _check(blocks.ResnetBlock3D(kw["out_channels"], causal, "v1.0", kw["norm_type"]), ref, 1e-5)
+
+
+@pytest.mark.parametrize("name,causal", [
+    ("attn_causal_ln", True), ("attn_causal_gn64", True), ("nc_attn_ln", False),
+    ("nc_attn_gn64", False)])
+def test_attention(name, causal):
+  ref = Ref(name)
+  _check(blocks.AttnBlock(causal, _kwargs(ref)["norm_type"]), ref, 1e-5)

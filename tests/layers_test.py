@@ -1,0 +1,133 @@
+"""Parity of the layers (convs, resamplers) with the official module fixtures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import Ref, flax_to_torch_layout, max_abs, module_params, torch_to_flax_layout
+from vidtok_jax.models import layers
+
+MODULE_ATOL = 1e-5  # the reference README's module tolerance (float32 vs the float64 reference)
+
+
+def _run(module, ref, **kwargs):
+  x = jnp.asarray(torch_to_flax_layout(ref.inputs["x"]))
+  params = module_params(module, ref.params, x, **kwargs)
+  y = module.apply({"params": params}, x, **kwargs)
+  return flax_to_torch_layout(y, ref.out["y"])
+
+
+def _kernel(args):
+  k = args[2]
+  return (k, k, k)
+
+
+@pytest.mark.parametrize("name,version,pad_mode,kernel,strides", [
+    ("causalconv3d_constant", "v1.0", "constant", (3, 3, 3), (1, 1, 1)),
+    ("causalconv3d_replicate", "v1.0", "replicate", (3, 3, 3), (1, 1, 1)),
+    ("causalconv3d_replicate_shortT", "v1.0", "replicate", (3, 3, 3), (1, 1, 1)),
+    ("causalconv3d_k1", "v1.0", "constant", (1, 1, 1), (1, 1, 1)),
+    ("causalconv3d_tstride2", "v1.0", "constant", (3, 3, 3), (2, 1, 1)),
+    ("causalconv1d_constant", "v1.0", "constant", (3, 1, 1), (1, 1, 1)),
+    ("causalconv1d_replicate", "v1.0", "replicate", (3, 1, 1), (1, 1, 1)),
+])
+def test_causal_conv(name, version, pad_mode, kernel, strides):
+  ref = Ref(name)
+  module = layers.CausalConv(6, kernel, strides, version=version, pad_mode=pad_mode)
+  y = _run(module, ref)
+  assert y.shape == ref.out["y"].shape
+  assert max_abs(y, ref.expected("y")) < MODULE_ATOL
+
+
+@pytest.mark.parametrize("name,with_conv", [
+    ("downsample2d_conv", True), ("downsample2d_conv_odd", True), ("downsample2d_avgpool", False)])
+def test_downsample(name, with_conv):
+  ref = Ref(name)
+  y = _run(layers.Downsample(8, with_conv), ref)
+  assert y.shape == ref.out["y"].shape
+  assert max_abs(y, ref.expected("y")) < MODULE_ATOL
+
+
+def test_upsample():
+  ref = Ref("upsample2d_conv")
+  y = _run(layers.Upsample(8), ref)
+  assert max_abs(y, ref.expected("y")) < MODULE_ATOL
+
+
+@pytest.mark.parametrize("name,causal,down", [
+    ("time_down_causal_T8", True, True), ("time_down_causal_T9", True, True),
+    ("time_up_causal", True, False), ("nc_time_down_T8", False, True),
+    ("nc_time_down_T9", False, True), ("nc_time_up", False, False)])
+def test_time_resample_v10(name, causal, down):
+  ref = Ref(name)
+  cls = layers.TimeDownsample if down else layers.TimeUpsample
+  y = _run(cls(6, causal=causal, version="v1.0"), ref)
+  assert y.shape == ref.out["y"].shape
+  assert max_abs(y, ref.expected("y")) < MODULE_ATOL
+
+
+def _v11_module(ref):
+  mod = ref.meta["config"]["module"]
+  target = mod["target"].rsplit(".", 1)[-1]
+  kw = mod["kwargs"]
+  offset = ref.meta["config"].get("cache_offset", 0)
+  if target == "CausalConv3d":
+    k = mod["args"][2]
+    return layers.CausalConv(mod["args"][1], (k, k, k), tuple(kw.get("stride", (1, 1, 1))),
+                             version="v1.1", cache_offset=offset)
+  if target == "CausalConv1d":
+    return layers.CausalConv(mod["args"][1], (mod["args"][2], 1, 1), version="v1.1",
+                             cache_offset=offset)
+  if target == "TimeDownsampleResCausal2x":
+    return layers.TimeDownsample(mod["args"][1], causal=True, version="v1.1")
+  return layers.TimeUpsample(mod["args"][1], causal=True, version="v1.1",
+                             interpolation_mode=kw["interpolation_mode"],
+                             num_temp_upsample=kw["num_temp_upsample"], cache_offset=offset)
+
+
+@pytest.mark.parametrize("name", [
+    "v11_causalconv3d_chunks", "v11_causalconv3d_tstride2_chunks", "v11_causalconv3d_cacheoffset1",
+    "v11_causalconv1d_chunks", "v11_time_down_chunks", "v11_time_up_nearest_chunks",
+    "v11_time_up_trilinear_n1_chunks", "v11_time_up_trilinear_n2_chunks"])
+def test_v11_chunks(name):
+  """First chunk without a cache, later chunks with the carried cache; and the single call."""
+  ref = Ref(name)
+  module = _v11_module(ref)
+  xs = [jnp.asarray(torch_to_flax_layout(ref.inputs[f"x{i}"]))
+        for i in range(3) if f"x{i}" in ref.inputs]
+  params = {"params": module_params(module, ref.params, xs[0])}
+  cache = None
+  for i, x in enumerate(xs):
+    y, cache = module.apply(params, x, cache, return_cache=True)
+    expected = ref.expected(f"y{i}")
+    assert max_abs(flax_to_torch_layout(y, expected), expected) < MODULE_ATOL, f"chunk {i}"
+  if "y_full_single_call" in ref.out:
+    y = module.apply(params, jnp.concatenate(xs, axis=1))
+    expected = ref.expected("y_full_single_call")
+    assert max_abs(flax_to_torch_layout(y, expected), expected) < MODULE_ATOL
+
+
+def test_trilinear_formula():
+  x = jnp.arange(4.0).reshape(1, 4, 1, 1, 1) ** 2  # 0, 1, 4, 9
+  y = np.asarray(layers.trilinear_time_2x(x)).ravel()
+  expected = [0, 0.25, 0.75, 1.75, 3.25, 5.25, 7.75, 9]
+  np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+
+
+def test_causal_conv_is_causal():
+  """Output frame t of a v1.0 / v1.1 causal conv does not depend on input frames after t."""
+  x = jax.random.normal(jax.random.key(0), (1, 6, 4, 4, 3))
+  x2 = x.at[:, 4:].set(7.0)
+  for version in ("v1.0", "v1.1"):
+    conv = layers.CausalConv(5, (3, 3, 3), version=version)
+    p = conv.init(jax.random.key(1), x)
+    y, y2 = conv.apply(p, x), conv.apply(p, x2)
+    np.testing.assert_array_equal(y[:, :4], y2[:, :4])
+    assert not np.allclose(y[:, 4:], y2[:, 4:])
+
+
+def test_time_downsample_needs_two_frames():
+  x = jnp.zeros((1, 1, 2, 2, 4))
+  with pytest.raises(ValueError, match="at least 2 frames"):
+    layers.TimeDownsample(4).init(jax.random.key(0), x)

@@ -1,0 +1,107 @@
+"""Convert official VidTok checkpoints to Flax params (orbax) and back.
+
+  python -m vidtok_jax.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
+      --config vidtok_kl_causal_488_4chn [--set ch=8 ...] [--out DIR] [--force]
+  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors
+
+`--config` is an official variant name for `vidtok_jax.load_config`; each `--set field=value`
+becomes a keyword override (values parsed as Python literals, else kept as strings).
+`to-torch` reads a params tree saved by `to-flax` (or any orbax StandardCheckpointer save of a
+bare params tree).
+"""
+
+import argparse
+import ast
+import os
+import sys
+
+import numpy as np
+
+from vidtok_jax.convert.io import load_state_dict, save_safetensors
+from vidtok_jax.convert.keys import params_from_state_dict, state_dict_from_params
+
+IGNORED_PREFIXES = ("loss.", "model_ema.")
+
+
+def _overrides(pairs):
+  out = {}
+  for pair in pairs:
+    field, sep, text = pair.partition("=")
+    if not sep or not field:
+      raise SystemExit(f"--set expects field=value, got {pair!r}")
+    try:
+      out[field.strip()] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[field.strip()] = text  # bare strings, e.g. --set norm_type=groupnorm
+  return out
+
+
+def _template(args):
+  """Flax params tree of jax.ShapeDtypeStruct for the chosen variant."""
+  from vidtok_jax import abstract_params, load_config  # lazy: jax/flax only when needed
+
+  return abstract_params(load_config(args.config, **_overrides(args.set)))
+
+
+def _count(tree):
+  return sum(int(np.size(v)) if not isinstance(v, dict) else _count(v) for v in tree.values())
+
+
+def to_flax(args):
+  import orbax.checkpoint as ocp
+
+  out = os.path.abspath(args.out or os.path.splitext(args.ckpt)[0] + "_flax")
+  if os.path.exists(out) and not args.force:  # fail before the (slow) load, not after
+    raise ValueError(f"output folder {out} exists; pass --force to overwrite it")
+  state_dict = load_state_dict(args.ckpt)
+  params = params_from_state_dict(state_dict, _template(args), ignore_prefixes=IGNORED_PREFIXES)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out, params, force=args.force)
+  ckptr.wait_until_finished()
+  ignored = {p: sum(str(k).startswith(p) for k in state_dict) for p in IGNORED_PREFIXES}
+  print(f"converted {len(state_dict) - sum(ignored.values())} keys "
+        f"({_count(params):,} parameters) from {args.ckpt} -> {out}")
+  print(f"ignored {sum(ignored.values())} keys ("
+        + ", ".join(f"{p}*: {n}" for p, n in ignored.items()) + ")")
+
+
+def to_torch(args):
+  import orbax.checkpoint as ocp
+
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(args.dir))
+  state_dict = state_dict_from_params(restored)
+  params_from_state_dict(state_dict, _template(args), ignore_prefixes=())  # validates vs config
+  save_safetensors(state_dict, args.out)
+  print(f"wrote {len(state_dict)} keys ({_count(state_dict):,} parameters) from {args.dir} "
+        f"-> {args.out}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m vidtok_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("to-flax", help="PyTorch .ckpt/.safetensors -> orbax Flax params")
+  a.add_argument("ckpt", help=".ckpt, .pt, .pth or .safetensors state_dict")
+  a.add_argument("--out", help="output folder (default: <ckpt without suffix>_flax)")
+  a.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+  a.set_defaults(func=to_flax)
+  b = sub.add_parser("to-torch", help="orbax Flax params -> PyTorch-layout .safetensors")
+  b.add_argument("dir", help="folder written by to-flax")
+  b.add_argument("--out", required=True, help="output .safetensors file")
+  b.set_defaults(func=to_torch)
+  for p in (a, b):
+    p.add_argument("--config", required=True, help="official variant name, e.g. "
+                   "vidtok_kl_causal_488_4chn")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override, repeatable (e.g. --set ch=8)")
+  args = parser.parse_args(argv)
+  try:
+    args.func(args)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,137 @@
+"""Residual and attention blocks of the VidTok encoder/decoder, on `(B, T, H, W, C)`.
+
+Norm statistics follow the official reshapes (they only matter for GroupNorm): 2-D blocks and
+everything in causal models normalise per frame; causal temporal blocks per (pixel, time)
+position; non-causal mid blocks / attention per clip and non-causal temporal blocks per pixel over
+time.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vidtok_jax.models.layers import CausalConv, Conv, normalize
+
+Dtype = Any
+
+
+class ResnetBlock2D(nn.Module):
+  """`ResnetBlock`: per-frame 3x3 convs, `out = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1 x)))))`.
+
+  `(B, T, H, W, Cin) -> (B, T, H, W, features)`; 1x1 `nin_shortcut` iff Cin != features.
+  """
+
+  features: int
+  norm_type: str = "layernorm"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    pad = ((0, 0), (1, 1), (1, 1))
+    h = nn.silu(normalize(self.norm_type, "frame", "norm1", self.param_dtype)(x))
+    h = Conv(self.features, (1, 3, 3), padding=pad, name="conv1", **kw)(h)
+    h = nn.silu(normalize(self.norm_type, "frame", "norm2", self.param_dtype)(h))
+    h = Conv(self.features, (1, 3, 3), padding=pad, name="conv2", **kw)(h)
+    if x.shape[-1] != self.features:
+      x = Conv(self.features, (1, 1, 1), name="nin_shortcut", **kw)(x)
+    return x.astype(h.dtype) + h
+
+
+class TemporalBlock(nn.Module):
+  """`ResnetCausalBlock1D` / `ResnetBlock1D`: the same residual formula with k=3 convs along T.
+
+  Width-preserving `(B, T, H, W, C) -> (B, T, H, W, C)`; conv2 is zero-initialised so a fresh
+  block is the identity. Causal: CausalConv (v1.0 zeros / v1.1 replicate) and per-position norms.
+  """
+
+  features: int
+  causal: bool = True
+  version: str = "v1.0"
+  norm_type: str = "layernorm"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    stats = "position" if self.causal else "pixel"
+
+    def conv(name, zero_init=False):
+      if self.causal:
+        return CausalConv(self.features, (3, 1, 1), version=self.version, zero_init=zero_init,
+                          name=name, **kw)
+      return Conv(self.features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=zero_init,
+                  name=name, **kw)
+
+    h = nn.silu(normalize(self.norm_type, stats, "norm1", self.param_dtype)(x))
+    h = conv("conv1")(h)
+    h = nn.silu(normalize(self.norm_type, stats, "norm2", self.param_dtype)(h))
+    h = conv("conv2", zero_init=True)(h)
+    return x.astype(h.dtype) + h
+
+
+class ResnetBlock3D(nn.Module):
+  """Mid-level `ResnetCausalBlock` / `ResnetNoncausalBlock`: 3x3x3 convs, width-preserving."""
+
+  features: int
+  causal: bool = True
+  version: str = "v1.0"
+  norm_type: str = "layernorm"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    stats = "frame" if self.causal else "clip"
+
+    def conv(name):
+      if self.causal:
+        return CausalConv(self.features, (3, 3, 3), version=self.version, name=name, **kw)
+      return Conv(self.features, (3, 3, 3), padding=((1, 1),) * 3, name=name, **kw)
+
+    h = nn.silu(normalize(self.norm_type, stats, "norm1", self.param_dtype)(x))
+    h = conv("conv1")(h)
+    h = nn.silu(normalize(self.norm_type, stats, "norm2", self.param_dtype)(h))
+    h = conv("conv2")(h)
+    return x.astype(h.dtype) + h
+
+
+class AttnBlock(nn.Module):
+  """`AttnBlockWrapper`: single-head softmax attention over the H*W positions of each frame.
+
+  `out = x + proj_out(softmax(q k^T / sqrt(C)) v)`, q/k/v/proj_out 1x1x1 convs; the norm is per
+  frame (causal) or per clip (non-causal). No attention across time in either family.
+  """
+
+  causal: bool = True
+  norm_type: str = "layernorm"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, hh, ww, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+
+    def proj(name):
+      if self.causal:  # official causal wrapper: CausalConv3d k=1 (no padding)
+        return CausalConv(c, (1, 1, 1), name=name, **kw)
+      return Conv(c, (1, 1, 1), name=name, **kw)
+
+    h = normalize(self.norm_type, "frame" if self.causal else "clip", "norm", self.param_dtype)(x)
+    q, k, v = (proj(n)(h).reshape(b, t, hh * ww, c) for n in ("q", "k", "v"))
+    logits = jnp.einsum("btqc,btkc->btqk", q, k, precision=self.precision,
+                        preferred_element_type=jnp.float32) * (c ** -0.5)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    o = jnp.einsum("btqk,btkc->btqc", weights, v, precision=self.precision)
+    o = proj("proj_out")(o.reshape(b, t, hh, ww, c))
+    return x.astype(o.dtype) + o

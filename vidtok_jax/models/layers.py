@@ -1,0 +1,366 @@
+"""Layers of the VidTok autoencoder: norms, (causal) convolutions, AlphaBlender and resamplers.
+
+Every module works on channels-last videos `(B, T, H, W, C)`. Per-frame 2-D convs are 3-D convs
+with kernel `(1, kh, kw)` and per-pixel temporal convs are 3-D convs with kernel `(k, 1, 1)`, so
+no layout changes are needed. Module and parameter names mirror the official PyTorch module tree
+(see `vidtok_jax.convert.keys`), e.g. a causal conv is a module holding a child named `conv`.
+
+Versions: "v1.0" causal convs pad time with zeros; "v1.1" causal convs pad time with copies of
+the first frame (or, when streaming, with frames cached from the previous chunk).
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference
+
+
+def torch_uniform_init():
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """A 3-D conv with explicit padding and PyTorch's default init (kernel `(kt, kh, kw)`)."""
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3, 3)
+  strides: Sequence[int] = (1, 1, 1)
+  padding: Any = "VALID"
+  zero_init: bool = False
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1] * int(np.prod(self.kernel_size))
+    zeros = nn.initializers.zeros_init()
+    kshape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", zeros if self.zero_init else torch_uniform_init(), kshape,
+                        self.param_dtype)
+    bias = self.param("bias", zeros if self.zero_init else torch_bias_init(fan_in),
+                      (self.features,), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+    if (tuple(self.kernel_size) == (1, 1, 1) and tuple(self.strides) == (1, 1, 1)
+        and self.padding == "VALID"):
+      # A pointwise conv is a matmul; skip the conv machinery.
+      return jnp.einsum("...i,io->...o", x, kernel[0, 0, 0], precision=self.precision) + bias
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision)
+    return y + bias
+
+
+def _time_pad_front(x, n: int, mode: str):
+  """Pads `n` frames in front of axis 1: zeros (`constant`) or copies of frame 0 (`replicate`)."""
+  if n == 0:
+    return x
+  if mode == "replicate":
+    front = jnp.repeat(x[:, :1], n, axis=1)
+  else:
+    front = jnp.zeros((x.shape[0], n, *x.shape[2:]), x.dtype)
+  return jnp.concatenate([front, x], axis=1)
+
+
+def _spatial_pads(kh: int, kw: int, sh: int, sw: int):
+  ph, pw = (kh - 1) + (1 - sh), (kw - 1) + (1 - sw)
+  return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
+
+
+class CausalConv(nn.Module):
+  """Causal conv over `(B, T, H, W, C)`: time padded in front only, then a VALID conv.
+
+  Covers the official `CausalConv3d` (kernel `(kt, kh, kw)`) and `CausalConv1d` (kernel
+  `(k, 1, 1)`), v1.0 and v1.1. Time pad `pt = (kt - 1) + (1 - st)` frames; spatial pad split
+  floor/ceil. Output frames: `(T + pt - kt) // st + 1`.
+
+  * v1.0: `pad_mode="constant"` zero-pads every axis; `pad_mode="replicate"` replicate-pads every
+    axis, falling back to zeros on all axes when `pt >= T` (as the official code does).
+  * v1.1: time is always padded with copies of frame 0 (first chunk) or with the last `pt` frames
+    of `cache` (later chunks); space uses `pad_mode`. With `return_cache=True` the call also
+    returns the new cache: the last `pt` frames of the time-padded input once its last
+    `cache_offset` frames are dropped.
+  """
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3, 3)
+  strides: Sequence[int] = (1, 1, 1)
+  version: str = "v1.0"
+  pad_mode: str = "constant"
+  cache_offset: int = 0
+  zero_init: bool = False
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @property
+  def time_pad(self) -> int:
+    return (self.kernel_size[0] - 1) + (1 - self.strides[0])
+
+  @nn.compact
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+    kt, kh, kw = self.kernel_size
+    _, sh, sw = self.strides
+    pt = self.time_pad
+    if self.version == "v1.0":
+      # v1.0 derives the width pad from the height kernel (identical for square kernels).
+      hpad, wpad = _spatial_pads(kh, kh, sh, sw)
+      mode = self.pad_mode if (self.pad_mode == "constant" or pt < x.shape[1]) else "constant"
+      padded = _time_pad_front(x, pt, mode)
+    else:
+      hpad, wpad = _spatial_pads(kh, kw, sh, sw)
+      mode = self.pad_mode
+      if cache is None:
+        padded = _time_pad_front(x, pt, "replicate")
+      else:
+        padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1) if pt else x
+    if hpad != (0, 0) or wpad != (0, 0):
+      pads = ((0, 0), (0, 0), hpad, wpad, (0, 0))
+      padded = jnp.pad(padded, pads, mode="edge" if mode == "replicate" else "constant")
+    y = Conv(self.features, tuple(self.kernel_size), tuple(self.strides), "VALID",
+             zero_init=self.zero_init, dtype=self.dtype, param_dtype=self.param_dtype,
+             precision=self.precision, name="conv")(padded)
+    if not return_cache:
+      return y
+    kept = padded[:, : padded.shape[1] - self.cache_offset]
+    kept = kept[:, :, hpad[0]: kept.shape[2] - hpad[1], wpad[0]: kept.shape[3] - wpad[1]]
+    return y, kept[:, kept.shape[1] - pt:]
+
+
+class NormCore(nn.Module):
+  """Group/Layer norm with explicit statistics axes (biased variance, float32 statistics).
+
+  `groups=1, reduce_axes=()` is LayerNorm over channels. `reduce_axes` are axes of the
+  `(B, T, H, W, C)` input, besides the channels of a group, that share statistics: `(2, 3)` per
+  frame, `(1, 2, 3)` per clip, `(1,)` per pixel over time, `()` per position.
+  """
+
+  groups: int = 1
+  reduce_axes: Sequence[int] = ()
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.groups:
+      raise ValueError(f"GroupNorm needs channels ({c}) divisible by groups ({self.groups})")
+    scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
+    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, c // self.groups)
+    axes = tuple(self.reduce_axes) + (xg.ndim - 1,)
+    mean = xg.mean(axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  """The official `LayerNorm` wrapper (params under a child named `norm`), over channels."""
+
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return NormCore(1, (), param_dtype=self.param_dtype, name="norm")(x)
+
+
+STATS_AXES = {"frame": (2, 3), "clip": (1, 2, 3), "pixel": (1,), "position": ()}
+
+
+def normalize(norm_type: str, stats: str, name: str, param_dtype=jnp.float32) -> nn.Module:
+  """`Normalize(C, norm_type)`; `stats` picks GroupNorm's statistics (see STATS_AXES)."""
+  if norm_type == "layernorm":
+    return LayerNorm(param_dtype=param_dtype, name=name)
+  if norm_type == "groupnorm":
+    return NormCore(32, STATS_AXES[stats], param_dtype=param_dtype, name=name)
+  raise ValueError(f"norm_type must be 'layernorm' or 'groupnorm', got {norm_type!r}")
+
+
+class AlphaBlender(nn.Module):
+  """`a * x1 + (1 - a) * x2` with `a = sigmoid(mix_factor)`, `mix_factor` learned (init 2.0)."""
+
+  init_value: float = 2.0
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x1, x2):
+    mix = self.param("mix_factor", nn.initializers.constant(self.init_value), (1,),
+                     self.param_dtype)
+    alpha = jax.nn.sigmoid(mix).astype(x1.dtype)
+    return alpha * x1 + (1.0 - alpha) * x2
+
+
+def _blend(parent: nn.Module, x1, x2):
+  """AlphaBlender sharing `parent`'s scope, so `mix_factor` sits where the official key has it."""
+  blender = AlphaBlender(param_dtype=parent.param_dtype)
+  nn.share_scope(parent, blender)
+  return blender(x1, x2)
+
+
+class Downsample(nn.Module):
+  """Per-frame 2x spatial downsample: pad right/bottom by 1, 3x3 stride-2 VALID conv.
+
+  `(B, T, H, W, C) -> (B, T, H // 2, W // 2, C)`. `with_conv=False` is the (unused in releases)
+  2x2 average pool.
+  """
+
+  features: int
+  with_conv: bool = True
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.with_conv:
+      b, t, h, w, c = x.shape
+      x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+      return x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean((3, 5))
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
+    return Conv(self.features, (1, 3, 3), (1, 2, 2), "VALID", dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Per-frame 2x nearest spatial upsample (in float32) then a 3x3 conv (padding 1)."""
+
+  features: int
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    dtype = x.dtype
+    x = jnp.repeat(jnp.repeat(x.astype(jnp.float32), 2, axis=2), 2, axis=3).astype(dtype)
+    return Conv(self.features, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)), dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
+
+
+def _avg_pool_time(x):
+  """Mean over time windows of 3 with stride 2: `(B, T, ...) -> (B, (T - 3) // 2 + 1, ...)`."""
+  n = (x.shape[1] - 3) // 2 + 1
+  return (x[:, 0: 2 * n - 1: 2] + x[:, 1: 2 * n: 2] + x[:, 2: 2 * n + 1: 2]) / 3.0
+
+
+class TimeDownsample(nn.Module):
+  """2x temporal downsample `T -> floor(T / 2)` (T >= 2): AlphaBlender of avg-pool and conv.
+
+  causal v1.0: pool over [zero frame, x]; conv = v1.0 CausalConv3d k3 stride (2,1,1).
+  causal v1.1: pool over [frame 0 (or the cached last frame of the previous chunk), x]; conv =
+  v1.1 CausalConv3d. non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
+  """
+
+  features: int
+  causal: bool = True
+  version: str = "v1.0"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+    if x.shape[1] < 2:
+      raise ValueError(f"temporal downsampling needs at least 2 frames, got {x.shape[1]}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    if not self.causal:
+      padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+      conv = Conv(self.features, (3, 3, 3), (2, 1, 1), ((0, 0), (1, 1), (1, 1)), name="conv",
+                  **kw)(padded)
+      return _blend(self, _avg_pool_time(padded), conv)
+    conv_mod = CausalConv(self.features, (3, 3, 3), (2, 1, 1), version=self.version, name="conv",
+                          **kw)
+    if self.version == "v1.0":
+      pooled = _avg_pool_time(_time_pad_front(x, 1, "constant"))
+      return _blend(self, pooled, conv_mod(x))
+    front = x[:, :1] if cache is None else cache["pool"].astype(x.dtype)
+    pooled = _avg_pool_time(jnp.concatenate([front, x], axis=1))
+    if not return_cache:
+      return _blend(self, pooled, conv_mod(x, None if cache is None else cache["conv"]))
+    conv, conv_cache = conv_mod(x, None if cache is None else cache["conv"], return_cache=True)
+    return _blend(self, pooled, conv), {"pool": x[:, -1:], "conv": conv_cache}
+
+
+def trilinear_time_2x(x):
+  """Linear 2x interpolation along time, half-pixel centres, edge-clamped, in float32."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  prev = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+  nxt = jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+  even, odd = 0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt
+  out = jnp.stack([even, odd], axis=2).reshape(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+  return out.astype(dtype)
+
+
+def nearest_time_2x(x):
+  return jnp.repeat(x, 2, axis=1)
+
+
+class TimeUpsample(nn.Module):
+  """2x temporal upsample `T -> 2T`: AlphaBlender of an interpolation and a conv applied to it.
+
+  v1.0 causal / non-causal: nearest interpolation (each frame twice). v1.1 causal: nearest or
+  trilinear; trilinear interpolates the first `num_temp_upsample` (m) frames apart from the rest
+  in a first chunk, and in later chunks interpolates [cache, x] and drops the first 2m outputs.
+  """
+
+  features: int
+  causal: bool = True
+  version: str = "v1.0"
+  interpolation_mode: str = "nearest"
+  num_temp_upsample: int = 1
+  cache_offset: int = 0
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def _interpolate(self, x, cache):
+    """Returns the interpolated frames and the interpolation cache (None for nearest)."""
+    if self.interpolation_mode == "nearest":
+      return nearest_time_2x(x), None
+    if self.interpolation_mode != "trilinear":
+      raise ValueError(f"interpolation_mode must be 'nearest' or 'trilinear', "
+                       f"got {self.interpolation_mode!r}")
+    m = self.num_temp_upsample
+    if cache is None:
+      head, tail = x[:, :m], x[:, m:]
+      parts = [trilinear_time_2x(head)] + ([trilinear_time_2x(tail)] if tail.shape[1] else [])
+      return jnp.concatenate(parts, axis=1), x[:, -m:]
+    cat = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+    return trilinear_time_2x(cat)[:, 2 * m:], cat[:, cat.shape[1] - 2 * m: cat.shape[1] - m]
+
+  @nn.compact
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    if not self.causal:
+      up = nearest_time_2x(x)
+      return _blend(self, up, Conv(self.features, (3, 3, 3), (1, 1, 1), ((1, 1),) * 3, name="conv",
+                                   **kw)(up))
+    conv_mod = CausalConv(self.features, (3, 3, 3), version=self.version,
+                          cache_offset=self.cache_offset, name="conv", **kw)
+    if self.version == "v1.0":
+      up = nearest_time_2x(x)
+      return _blend(self, up, conv_mod(up))
+    up, interp_cache = self._interpolate(x, None if cache is None else cache["interp"])
+    conv_cache_in = None if cache is None else cache["conv"]
+    if not return_cache:
+      return _blend(self, up, conv_mod(up, conv_cache_in))
+    conv, conv_cache = conv_mod(up, conv_cache_in, return_cache=True)
+    return _blend(self, up, conv), {"interp": interp_cache, "conv": conv_cache}
