@@ -9,6 +9,7 @@ Public API (channels-last videos `(B, T, H, W, 3)` in [-1, 1]):
   y      = model.apply({"params": params}, z, method=model.decode)
 """
 
+from vidtok_jax import convert
 from vidtok_jax.config import VARIANTS, ModelSpec, default_config, load_config
 from vidtok_jax.models.autoencoder import VidTok, abstract_params, init_params, output_frames
 
@@ -19,9 +20,8 @@ def params_from_torch(state_dict, cfg):
   Keys outside `encoder.`/`decoder.`/`regularization.` that a training checkpoint holds
   (`loss.`, `model_ema.`) are ignored; a missing, unexpected or mis-shaped key is a ValueError.
   """
-  from vidtok_jax.convert.keys import params_from_state_dict  # pylint: disable=g-import-not-at-top
-  return params_from_state_dict(state_dict, abstract_params(cfg))
+  return convert.params_from_state_dict(state_dict, abstract_params(cfg))
 
 
-__all__ = ["VARIANTS", "ModelSpec", "VidTok", "abstract_params", "default_config", "init_params",
+__all__ = ["VARIANTS", "convert", "ModelSpec", "VidTok", "abstract_params", "default_config", "init_params",
            "load_config", "output_frames", "params_from_torch"]

@@ -41,8 +41,11 @@ BASE = dict(
     commitment_loss_weight=0.25,
     diversity_gamma=1.0,
     # Port options (not in the official YAML).
-    dtype="float32",  # compute dtype
+    dtype="float32",  # compute dtype ("float64" needs jax_enable_x64; for verification)
     param_dtype="float32",
+    # Matmul/conv precision for float32 compute: "highest" is exact float32 (parity with the
+    # official model on GPUs/TPUs too); "default" lets XLA use TF32 / bf16 passes (faster).
+    precision="highest",
     remat=False,  # rematerialise each res block in the backward pass
     fsq_token_chunk=1024,  # tokens per chunk of the FSQ entropy computation
 )
@@ -148,6 +151,7 @@ class ModelSpec:
   diversity_gamma: float
   dtype: str
   param_dtype: str
+  precision: str
   remat: bool
   fsq_token_chunk: int
 
@@ -175,8 +179,9 @@ class ModelSpec:
                            ("regularizer", ("kl", "fsq")),
                            ("interpolation_mode", ("nearest", "trilinear")),
                            ("init_pad_mode", ("replicate", "constant")),
-                           ("dtype", ("float32", "bfloat16", "float16")),
-                           ("param_dtype", ("float32", "bfloat16"))):
+                           ("dtype", ("float32", "bfloat16", "float16", "float64")),
+                           ("param_dtype", ("float32", "bfloat16", "float64")),
+                           ("precision", ("default", "high", "highest"))):
       if d[field] not in allowed:
         bad(field, f"must be one of {allowed}")
     for field in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch",

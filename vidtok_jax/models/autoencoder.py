@@ -64,7 +64,9 @@ class VidTok(nn.Module):
 
   def setup(self):
     s = self.config
+    precision = None if s.precision == "default" else s.precision
     kw = dict(dtype=jnp.dtype(s.dtype), param_dtype=jnp.dtype(s.param_dtype), remat=s.remat,
+              precision=precision,
               ch=s.ch, ch_mult=s.ch_mult, num_res_blocks=s.num_res_blocks, z_channels=s.z_channels,
               causal=s.causal, version=s.version, time_downsample_factor=s.time_downsample_factor,
               norm_type=s.norm_type)

@@ -12,9 +12,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vidtok_jax.models.layers import CausalConv, Conv, normalize
+from vidtok_jax.models.layers import CausalConv, Conv, at_least_f32, normalize
 
 Dtype = Any
+
+
+def residual_branch(block: nn.Module, x, stats: str, conv):
+  """`conv2(silu(norm2(conv1(silu(norm1(x))))))`, the shared body of every residual block.
+
+  `conv(name)` builds the block's conv; called inside `block`'s compact method, so the
+  submodules are `block`'s own (`norm1`, `conv1`, `norm2`, `conv2`).
+  """
+  h = nn.silu(normalize(block.norm_type, stats, "norm1", block.param_dtype)(x))
+  h = conv("conv1")(h)
+  h = nn.silu(normalize(block.norm_type, stats, "norm2", block.param_dtype)(h))
+  return conv("conv2")(h)
 
 
 class ResnetBlock2D(nn.Module):
@@ -32,11 +44,8 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    pad = ((0, 0), (1, 1), (1, 1))
-    h = nn.silu(normalize(self.norm_type, "frame", "norm1", self.param_dtype)(x))
-    h = Conv(self.features, (1, 3, 3), padding=pad, name="conv1", **kw)(h)
-    h = nn.silu(normalize(self.norm_type, "frame", "norm2", self.param_dtype)(h))
-    h = Conv(self.features, (1, 3, 3), padding=pad, name="conv2", **kw)(h)
+    h = residual_branch(self, x, "frame", lambda name: Conv(
+        self.features, (1, 3, 3), padding=((0, 0), (1, 1), (1, 1)), name=name, **kw))
     if x.shape[-1] != self.features:
       x = Conv(self.features, (1, 1, 1), name="nin_shortcut", **kw)(x)
     return x.astype(h.dtype) + h
@@ -62,17 +71,15 @@ class TemporalBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     stats = "position" if self.causal else "pixel"
 
-    def conv(name, zero_init=False):
+    def conv(name):
+      zero_init = name == "conv2"  # the block starts as the identity
       if self.causal:
         return CausalConv(self.features, (3, 1, 1), version=self.version, zero_init=zero_init,
                           name=name, **kw)
       return Conv(self.features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=zero_init,
                   name=name, **kw)
 
-    h = nn.silu(normalize(self.norm_type, stats, "norm1", self.param_dtype)(x))
-    h = conv("conv1")(h)
-    h = nn.silu(normalize(self.norm_type, stats, "norm2", self.param_dtype)(h))
-    h = conv("conv2", zero_init=True)(h)
+    h = residual_branch(self, x, stats, conv)
     return x.astype(h.dtype) + h
 
 
@@ -97,10 +104,7 @@ class ResnetBlock3D(nn.Module):
         return CausalConv(self.features, (3, 3, 3), version=self.version, name=name, **kw)
       return Conv(self.features, (3, 3, 3), padding=((1, 1),) * 3, name=name, **kw)
 
-    h = nn.silu(normalize(self.norm_type, stats, "norm1", self.param_dtype)(x))
-    h = conv("conv1")(h)
-    h = nn.silu(normalize(self.norm_type, stats, "norm2", self.param_dtype)(h))
-    h = conv("conv2")(h)
+    h = residual_branch(self, x, stats, conv)
     return x.astype(h.dtype) + h
 
 
@@ -130,7 +134,7 @@ class AttnBlock(nn.Module):
     h = normalize(self.norm_type, "frame" if self.causal else "clip", "norm", self.param_dtype)(x)
     q, k, v = (proj(n)(h).reshape(b, t, hh * ww, c) for n in ("q", "k", "v"))
     logits = jnp.einsum("btqc,btkc->btqk", q, k, precision=self.precision,
-                        preferred_element_type=jnp.float32) * (c ** -0.5)
+                        preferred_element_type=at_least_f32(q.dtype)) * (c ** -0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     o = jnp.einsum("btqk,btkc->btqc", weights, v, precision=self.precision)
     o = proj("proj_out")(o.reshape(b, t, hh, ww, c))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from vidtok_jax.models.blocks import AttnBlock, ResnetBlock2D, ResnetBlock3D, TemporalBlock
 from vidtok_jax.models.layers import (CausalConv, Conv, Downsample, TimeDownsample, TimeUpsample,
-                                      Upsample, _time_pad_front, normalize)
+                                      Upsample, time_pad_front, normalize)
 
 Dtype = Any
 
@@ -154,7 +154,7 @@ class Encoder(nn.Module):
     if not self.causal or t % f == 0:
       return x
     n = f - 1 if self.version == "v1.0" else f - t % f
-    return _time_pad_front(x, n, "replicate" if self.init_pad_mode == "replicate" else "constant")
+    return time_pad_front(x, n, "replicate" if self.init_pad_mode == "replicate" else "constant")
 
   def __call__(self, x):
     h = self.conv_in(self.pad_frames(x))

@@ -20,6 +20,11 @@ Dtype = Any
 Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference
 
 
+def at_least_f32(dtype):
+  """The dtype statistics/interpolations run in: float32, or float64 for a float64 model."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def torch_uniform_init():
   """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -67,7 +72,7 @@ class Conv(nn.Module):
     return y + bias
 
 
-def _time_pad_front(x, n: int, mode: str):
+def time_pad_front(x, n: int, mode: str):
   """Pads `n` frames in front of axis 1: zeros (`constant`) or copies of frame 0 (`replicate`)."""
   if n == 0:
     return x
@@ -122,12 +127,12 @@ class CausalConv(nn.Module):
       # v1.0 derives the width pad from the height kernel (identical for square kernels).
       hpad, wpad = _spatial_pads(kh, kh, sh, sw)
       mode = self.pad_mode if (self.pad_mode == "constant" or pt < x.shape[1]) else "constant"
-      padded = _time_pad_front(x, pt, mode)
+      padded = time_pad_front(x, pt, mode)
     else:
       hpad, wpad = _spatial_pads(kh, kw, sh, sw)
       mode = self.pad_mode
       if cache is None:
-        padded = _time_pad_front(x, pt, "replicate")
+        padded = time_pad_front(x, pt, "replicate")
       else:
         padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1) if pt else x
     if hpad != (0, 0) or wpad != (0, 0):
@@ -163,7 +168,7 @@ class NormCore(nn.Module):
       raise ValueError(f"GroupNorm needs channels ({c}) divisible by groups ({self.groups})")
     scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
-    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, c // self.groups)
+    xg = x.astype(at_least_f32(x.dtype)).reshape(*x.shape[:-1], self.groups, c // self.groups)
     axes = tuple(self.reduce_axes) + (xg.ndim - 1,)
     mean = xg.mean(axes, keepdims=True)
     var = jnp.square(xg - mean).mean(axes, keepdims=True)
@@ -249,7 +254,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     dtype = x.dtype
-    x = jnp.repeat(jnp.repeat(x.astype(jnp.float32), 2, axis=2), 2, axis=3).astype(dtype)
+    x = jnp.repeat(jnp.repeat(x.astype(at_least_f32(dtype)), 2, axis=2), 2, axis=3).astype(dtype)
     return Conv(self.features, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)), dtype=self.dtype,
                 param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
 
@@ -288,7 +293,7 @@ class TimeDownsample(nn.Module):
     conv_mod = CausalConv(self.features, (3, 3, 3), (2, 1, 1), version=self.version, name="conv",
                           **kw)
     if self.version == "v1.0":
-      pooled = _avg_pool_time(_time_pad_front(x, 1, "constant"))
+      pooled = _avg_pool_time(time_pad_front(x, 1, "constant"))
       return _blend(self, pooled, conv_mod(x))
     front = x[:, :1] if cache is None else cache["pool"].astype(x.dtype)
     pooled = _avg_pool_time(jnp.concatenate([front, x], axis=1))
@@ -301,7 +306,7 @@ class TimeDownsample(nn.Module):
 def trilinear_time_2x(x):
   """Linear 2x interpolation along time, half-pixel centres, edge-clamped, in float32."""
   dtype = x.dtype
-  x = x.astype(jnp.float32)
+  x = x.astype(at_least_f32(dtype))
   prev = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
   nxt = jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
   even, odd = 0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt

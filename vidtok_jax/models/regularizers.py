@@ -24,8 +24,9 @@ def gaussian_posterior(moments):
 
 
 def gaussian_kl(mean, logvar):
-  """`sum(0.5 * (mean^2 + var - 1 - logvar)) / B`, summed in float32."""
-  mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+  """`sum(0.5 * (mean^2 + var - 1 - logvar)) / B`, summed in (at least) float32."""
+  dtype = jnp.promote_types(mean.dtype, jnp.float32)
+  mean, logvar = mean.astype(dtype), logvar.astype(dtype)
   kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
   return jnp.sum(kl) / mean.shape[0]
 
