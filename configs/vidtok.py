@@ -10,6 +10,7 @@ Stage 1 trains the whole model at low resolution; stage 2 starts from a stage-1 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from vidtok_jax.config import VARIANTS, load_config
 from vidtok_jax.data.config import data_config
@@ -63,4 +64,62 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                             global_batch_size=batch,
                             sample_fps=3.0, eval_sample_fps=8.0,
                             store_short_side=max(size, 64) if opts["tiny"] else 256)
+  config.train = train_config(opts["stage"], opts["tiny"])
+  config.loss = loss_config(opts["tiny"])
   return config
+
+
+def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
+  """`config.train`: optimisation, precision, EMA, stage-2 freezing, mesh (SPEC 7.5, 7.7).
+
+  Steps count training ITERATIONS (one G update + one D update). The README's "50,000 / 30,000
+  steps" are taken as iterations; Lightning's own counter advances twice per iteration.
+  """
+  t = ml_collections.ConfigDict()
+  # Official: Adam defaults, base_learning_rate 1e-5 for both optimizers, no scheduler, no
+  # weight decay; `--scale_lr` is off by default, so the lr does not grow with the batch.
+  t.lr = 1e-5
+  t.disc_lr = 1e-5
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.999
+  t.adam_eps = 1e-8
+  t.grad_clip = 20.0  # global L2 norm of the autoencoder grads (incl. the NLL logvar)
+  t.disc_grad_clip = 20.0  # ... and, separately, of the discriminator grads
+  t.total_steps = 20 if tiny else (50_000 if stage == 1 else 30_000)
+  # None: no EMA (official configs comment `ema_decay: 0.999` out). A float enables LitEma:
+  # decay_n = min(ema_decay, (1 + n) / (10 + n)) with n = number of EMA updates so far.
+  t.ema_decay = config_dict.placeholder(float)
+  # "float32", or "bfloat16": bf16 compute (model and discriminator) with float32 params,
+  # float32 regularizer/FSQ and loss reductions (official: bf16-mixed autocast).
+  t.dtype = "float32"
+  t.fix_encoder = stage == 2  # stage 2: decoder-only fine-tuning on a frozen encoder
+  t.init_from = ""  # stage 2: path of the stage-1 checkpoint to start from (fill in)
+  t.max_consecutive_nonfinite = 10  # the loop aborts after this many skipped steps in a row
+  t.mesh = ml_collections.ConfigDict()
+  t.mesh.data_axis = "data"
+  t.mesh.fsdp = False  # add an "fsdp" axis and shard the big kernels / Adam moments over it
+  t.mesh.fsdp_axis = "fsdp"
+  t.mesh.fsdp_size = 0  # devices on the fsdp axis; 0 = all devices of one process
+  return t
+
+
+def loss_config(tiny: bool) -> ml_collections.ConfigDict:
+  """`config.loss`: `GeneralLPIPSWithDiscriminator` of the released configs (SPEC 7.2-7.6)."""
+  l = ml_collections.ConfigDict()
+  # In Lightning global_step units, which advance twice per iteration i (quirk 15): the G step
+  # compares 2i >= disc_start and the D step 2i+1 >= disc_start. With 20001 the discriminator
+  # trains from iteration 10,000 and the adversarial G term is on from iteration 10,001.
+  l.disc_start = 20001
+  l.disc_weight = 0.2  # times the adaptive weight ||grad nll|| / (||grad g|| + 1e-4)
+  l.perceptual_weight = 1.0  # LPIPS; 0 skips it entirely (no LPIPS params needed)
+  l.lpips_net = "vgg"
+  l.kl_weight = 1e-6  # weight of reg_log["kl_loss"] (KL models)
+  l.aux_weight = 1.0  # weight of reg_log["aux_loss"] (FSQ models)
+  l.disc_type = "2d"  # "2d": PatchGAN on frames; "3d": 3-D PatchGAN on clips
+  l.disc_loss = "hinge"  # or "vanilla"
+  l.gen_loss_cross_entropy = True  # non-saturating G loss (softplus of patch-mean logits)
+  l.lecam_weight = 0.005
+  l.lecam_decay = 0.999
+  l.disc_ndf = 8 if tiny else 64  # tiny: narrow but the same objective (all terms present)
+  l.disc_layers = 3
+  return l
