@@ -19,3 +19,15 @@ def test_readme_model_example_runs():
   assert printed.startswith("(1, 5, 8, 8, 6) (1, 5, 8, 8) (1, 17, 64, 64, 3) 0.0"), printed
   aux_loss = float(printed.split()[-1])  # entropy terms: may be negative, never nan/inf/0
   assert aux_loss == aux_loss and abs(aux_loss) not in (0.0, float("inf"))
+
+
+def test_readme_training_example_runs():
+  text = README.read_text()
+  section = text[text.index("## Training building blocks"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, str(README), "exec"), {})  # pylint: disable=exec-used
+  metrics = eval(out.getvalue().strip())  # pylint: disable=eval-used  (a printed dict of floats)
+  assert set(metrics) == {"total_loss", "nll_loss", "d_weight"}
+  assert all(v == v and abs(v) < float("inf") for v in metrics.values())
