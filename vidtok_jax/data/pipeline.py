@@ -19,8 +19,13 @@ Two storage paths (chosen from the prepared dataset's file format):
 Clip (SPEC 8): indices = `sampling.sample_frame_indices(total, fps, T, sample_fps, start)`,
 the last index repeated to T frames when the video is short; only those frames' JPEG/PNG are
 decoded; shorter side resized to `size[0]` (bilinear, antialias), centre crop, x * 2 - 1.
-A record that is unusable at read time (no frames, corrupt image bytes) is logged with its path
-and replaced by the next example of the permutation (still pure); `strict` raises instead.
+A record found unusable before decoding (no frames, bytes that are not an image, a truncated
+JPEG) is logged with its path and replaced by the next example of the permutation: still a
+pure function of the step. Image bytes that pass that check but then fail to decode in TF (a
+corrupt JPEG body) cannot be replaced there: the element is dropped with a warning, which shifts
+later batches, so bitwise resume no longer holds after it. `strict` raises on both instead.
+Builds written by `video_folder` contain only frames that decoded, so this needs files damaged
+on disk after the build.
 """
 
 import atexit
