@@ -66,15 +66,33 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                             store_short_side=max(size, 64) if opts["tiny"] else 256)
   config.train = train_config(opts["stage"], opts["tiny"])
   config.loss = loss_config(opts["tiny"])
+  loop_config(config, opts["stage"], opts["tiny"])
   return config
 
 
-def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
-  """`config.train`: optimisation, precision, EMA, stage-2 freezing, mesh (SPEC 7.5, 7.7).
+def loop_config(config, stage: int, tiny: bool):
+  """Top-level loop fields of `train.py` (`--config.total_steps=N`, `--config.checkpoint_every=N`).
 
   Steps count training ITERATIONS (one G update + one D update). The README's "50,000 / 30,000
   steps" are taken as iterations; Lightning's own counter advances twice per iteration.
   """
+  config.seed = 0  # model init, discriminator init and the per-step rng stream
+  config.total_steps = 20 if tiny else (50_000 if stage == 1 else 30_000)
+  config.log_every = 5 if tiny else 50  # console + TensorBoard scalars (interval means)
+  config.eval_every = 10 if tiny else 1_000  # PSNR on the first `eval_clips` validation windows
+  config.eval_clips = 4 if tiny else 32  # 0 disables evaluation (and keep-best)
+  config.eval_use_ema = True  # evaluate the EMA weights when `train.ema_decay` is set
+  config.sample_every = 10 if tiny else 1_000  # input/reconstruction image grid to TensorBoard
+  config.checkpoint_every = 10 if tiny else 1_000
+  config.keep_last = 3  # newest checkpoints kept ...
+  config.keep_best = 1  # ... plus the best by eval PSNR (needs eval at checkpoint steps)
+  config.async_checkpointing = True
+  config.compilation_cache_dir = ""  # persistent XLA cache (restarts skip recompiling); "" = off
+  config.profile_steps = 0  # >0: a profiler trace of this many steps after the first log
+
+
+def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
+  """`config.train`: optimisation, precision, EMA, stage-2 freezing, mesh (SPEC 7.5, 7.7)."""
   t = ml_collections.ConfigDict()
   # Official: Adam defaults, base_learning_rate 1e-5 for both optimizers, no scheduler, no
   # weight decay; `--scale_lr` is off by default, so the lr does not grow with the batch.
@@ -85,7 +103,6 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
   t.adam_eps = 1e-8
   t.grad_clip = 20.0  # global L2 norm of the autoencoder grads (incl. the NLL logvar)
   t.disc_grad_clip = 20.0  # ... and, separately, of the discriminator grads
-  t.total_steps = 20 if tiny else (50_000 if stage == 1 else 30_000)
   # None: no EMA (official configs comment `ema_decay: 0.999` out). A float enables LitEma:
   # decay_n = min(ema_decay, (1 + n) / (10 + n)) with n = number of EMA updates so far.
   t.ema_decay = config_dict.placeholder(float)
@@ -93,7 +110,10 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
   # float32 regularizer/FSQ and loss reductions (official: bf16-mixed autocast).
   t.dtype = "float32"
   t.fix_encoder = stage == 2  # stage 2: decoder-only fine-tuning on a frozen encoder
-  t.init_from = ""  # stage 2: path of the stage-1 checkpoint to start from (fill in)
+  # Params to start from: a stage-1 workdir / checkpoints dir, a `convert to-flax` folder or an
+  # official .ckpt / .safetensors. Stage 2 requires it; ignored when the workdir has a checkpoint.
+  t.init_from = ""
+  t.init_from_ema = False  # take the EMA shadow of a train checkpoint (when it has one)
   t.max_consecutive_nonfinite = 10  # the loop aborts after this many skipped steps in a row
   t.mesh = ml_collections.ConfigDict()
   t.mesh.data_axis = "data"

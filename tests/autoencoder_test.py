@@ -176,7 +176,10 @@ def test_image_is_one_frame_video(tiny_v10):
   z, y, _ = model.apply(variables, img)
   z_v, y_v, _ = model.apply(variables, img[:, None])
   assert z.shape == (2, 1, 2, 2, 4) and y.shape == img.shape
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_v[:, 0]))
+  if jax.default_backend() == "cpu":  # same computation: bitwise on CPU
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_v[:, 0]))
+  else:  # GPU kernels may pick other algorithms per call (seen on an H100: 5.5e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_v[:, 0]), atol=2e-4)
 
 
 def test_compiles_once_per_shape(tiny_v10):

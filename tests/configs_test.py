@@ -42,10 +42,12 @@ def test_bad_args(arg, match):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_train_section(stage):
-  t = configs.get_config(f"kl_causal_488_4chn,stage={stage}").train
+  cfg = configs.get_config(f"kl_causal_488_4chn,stage={stage}")
+  t = cfg.train
   assert (t.lr, t.disc_lr, t.adam_b1, t.adam_b2, t.adam_eps) == (1e-5, 1e-5, 0.9, 0.999, 1e-8)
   assert (t.grad_clip, t.disc_grad_clip) == (20.0, 20.0)
-  assert t.total_steps == (50_000 if stage == 1 else 30_000)
+  assert cfg.total_steps == (50_000 if stage == 1 else 30_000)
+  assert (cfg.checkpoint_every, cfg.keep_last, cfg.keep_best, cfg.eval_clips) == (1000, 3, 1, 32)
   assert t.fix_encoder == (stage == 2) and t.init_from == ""
   assert t.ema_decay is None and t.dtype == "float32" and t.max_consecutive_nonfinite == 10
   assert t.mesh.data_axis == "data" and t.mesh.fsdp is False
@@ -61,6 +63,6 @@ def test_loss_section_and_tiny():
   tiny = configs.get_config("kl_causal_488_4chn,stage=2,tiny")
   # Tiny keeps every loss term (LPIPS included) with a narrow discriminator and 20 steps.
   assert tiny.loss.perceptual_weight == 1.0 and tiny.loss.disc_ndf == 8
-  assert tiny.train.total_steps == 20 and tiny.train.fix_encoder
+  assert tiny.total_steps == 20 and tiny.train.fix_encoder
   tiny.train.ema_decay = 0.999  # the EMA placeholder accepts a float override
   assert tiny.train.ema_decay == 0.999

@@ -27,6 +27,6 @@ def test_readme_model_example_runs():
 
 
 def test_readme_training_example_runs():
-  metrics = eval(run_readme_example("## Training building blocks"))  # pylint: disable=eval-used
+  metrics = eval(run_readme_example("The building blocks can be used directly"))  # pylint: disable=eval-used
   assert set(metrics) == {"total_loss", "nll_loss", "d_weight"}
   assert all(v == v and abs(v) < float("inf") for v in metrics.values())

@@ -12,6 +12,7 @@ Exactly one source is used: a folder of videos (`dir`, built once into a TFDS da
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 # Field -> (default, one-line meaning). The single source of truth for names and defaults.
 FIELDS = dict(
@@ -38,6 +39,8 @@ FIELDS = dict(
     shuffle_buffer=(256, "streaming (tfrecord) datasets only: example shuffle buffer"),
 )
 FIELDS = {k: v if isinstance(v, tuple) else (v, "") for k, v in FIELDS.items()}
+_NONE_TYPES = dict(dir=str, csv=str, tfds_name=str, tfds_data_dir=str, causal=bool,
+                   store_short_side=int)
 
 
 def default_tfds_data_dir() -> str:
@@ -55,6 +58,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     raise ValueError(f"data config: unknown field(s) {unknown}; known: {sorted(FIELDS)}")
   values = {k: v[0] for k, v in FIELDS.items()}
   values.update(overrides)
+  for k, v in values.items():  # typed None: `--config.data.dir=...` overrides need the type
+    if v is None and k in _NONE_TYPES:
+      values[k] = config_dict.placeholder(_NONE_TYPES[k])
   if isinstance(values["size"], list):
     values["size"] = tuple(values["size"])
   # type_safe=False: `size` may switch between int and (h, w) in an override.

@@ -18,8 +18,20 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-import av
 import numpy as np
+
+
+class _LazyAV:
+  """PyAV, imported on first use: configs and the model import this package but decode nothing
+  (a TPU/GPU job reading a prepared TFDS dataset needs no PyAV)."""
+
+  def __getattr__(self, name):
+    import av  # pylint: disable=import-outside-toplevel
+
+    return getattr(av, name)
+
+
+av = _LazyAV()
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 

@@ -195,6 +195,9 @@ def make_train_step(config, lpips_params=None):
         "total_loss": jnp.isfinite(g_total), "disc_loss": jnp.isfinite(d_total),
         "g_grads": jnp.isfinite(norms["g_grad_norm"]),
         "d_grads": jnp.isfinite(norms["d_grad_norm"]),
+        # finite grads can still give non-finite params (an overflowing lr or Adam moment)
+        "g_updates": jnp.isfinite(norms["g_update_norm"]),
+        "d_updates": jnp.isfinite(norms["d_update_norm"]),
         "batch_stats": _all_finite(d_stats), "lecam": _all_finite(lecam),
     }
     ok = jnp.all(jnp.stack(list(finite.values())))
