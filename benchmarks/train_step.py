@@ -86,7 +86,9 @@ def lpips_params_for(mode, net):
   import jax
   import jax.numpy as jnp
 
-  from vidtok_jax.metrics import lpips as lpips_lib
+  import importlib
+
+  lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")  # the module, not the function
 
   if mode in ("real", "auto"):
     try:

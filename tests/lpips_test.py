@@ -2,6 +2,7 @@
 invariants, training-mode dropout, gradients, and the restricted weight unpickler."""
 
 import functools
+import importlib
 import importlib.util
 import os
 import pickle
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from vidtok_jax.metrics import lpips as L
+# The module (the package attribute `vidtok_jax.metrics.lpips` is the function).
+L = importlib.import_module("vidtok_jax.metrics.lpips")
 
 VIDEO = SHARED / "data" / "videos" / "val" / "vidtok_example.mp4"
 PACKAGE_NET = {"vgg": "vgg16", "alex": "alexnet"}

@@ -1,0 +1,104 @@
+r"""Reconstruct a video with a VidTok model (the official `inference_reconstruct.py`, SPEC 9.2).
+
+  python reconstruct.py --config=configs/vidtok.py:kl_causal_488_4chn \
+      --torch_checkpoint=vidtok_kl_causal_488_4chn.ckpt --input=clip.mp4 --output_dir=out
+  python reconstruct.py --config=configs/vidtok.py:fsq_causal_488_4096 --checkpoint=params/ \
+      --input=clip.mp4 --output_dir=out --save_tokens          # also out/clip_tokens.npz
+  python reconstruct.py --config=configs/vidtok.py:fsq_causal_488_4096 --checkpoint=params/ \
+      --tokens=out/clip_tokens.npz --output_dir=out            # -> out/clip_decoded.mp4
+
+Weights: `--workdir` (a train workdir: its latest good checkpoint; `--use_ema`), `--checkpoint`
+(a checkpoints folder, a step folder or a `convert to-flax` folder) or `--torch_checkpoint` (an
+official .ckpt / .safetensors). Frames are sampled at `--sample_fps`, resized (short side) and
+centre-cropped to `--height`x`--width`, split into windows of `--num_frames` (17 causal, 16
+non-causal; the incomplete tail is dropped) and reconstructed with the official forward (KL
+models sample the latent, seeded by `--seed`). Writes `<stem>_recon.mp4`,
+`<stem>_side_by_side.mp4` (input | reconstruction, with `--concat_input`), `<stem>_psnr.png`,
+`<stem>_psnr.json` and, with `--save_tokens`, `<stem>_tokens.npz` (FSQ indices or KL posterior
+means). See `vidtok_jax/reconstruct.py` for the library functions.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configs/vidtok.py:VARIANT[,tiny]",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Train workdir (latest good checkpoint).")
+flags.DEFINE_string("checkpoint", None, "Checkpoints folder, step folder or `convert to-flax` "
+                    "folder.")
+flags.DEFINE_string("torch_checkpoint", None, "Official .ckpt / .safetensors file.")
+flags.DEFINE_bool("use_ema", False, "Use the EMA weights of a train checkpoint.")
+flags.DEFINE_string("input", None, "Video to reconstruct.")
+flags.DEFINE_string("tokens", None, "A tokens .npz (from --save_tokens) to decode instead.")
+flags.DEFINE_string("output_dir", None, "Folder for the outputs.")
+flags.DEFINE_integer("height", 256, "Frame height (short side resized to it, centre crop).")
+flags.DEFINE_integer("width", 256, "Frame width (centre crop).")
+flags.DEFINE_float("sample_fps", 30.0, "Frame rate frames are sampled at (interval "
+                   "round(fps / sample_fps)); the outputs are written at this rate.")
+flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
+flags.DEFINE_bool("concat_input", True, "Also write input | reconstruction side by side.")
+flags.DEFINE_bool("save_tokens", False, "Save the FSQ indices / KL posterior means (.npz).")
+flags.DEFINE_integer("seed", 42, "Seed of the KL posterior samples (one key per window).")
+flags.DEFINE_integer("batch_size", 1, "Windows per model call.")
+flags.mark_flags_as_required(["config", "output_dir"])
+
+
+def _one_of(names):
+  given = [n for n in names if FLAGS[n].value]
+  if len(given) != 1:
+    raise app.UsageError(f"give exactly one of {', '.join('--' + n for n in names)} "
+                         f"(got {', '.join('--' + g for g in given) or 'none'})")
+  if not os.path.exists(FLAGS[given[0]].value):
+    raise app.UsageError(f"--{given[0]} {FLAGS[given[0]].value} does not exist")
+  return FLAGS[given[0]].value
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  weights = _one_of(("workdir", "checkpoint", "torch_checkpoint"))
+  source = _one_of(("input", "tokens"))
+  if FLAGS.batch_size < 1:
+    raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  import vidtok_jax
+  from vidtok_jax import reconstruct
+  from vidtok_jax.train.checkpoint import load_init_params
+
+  logging.getLogger("vidtok_jax").setLevel(logging.INFO)
+  config = FLAGS.config
+  variant = config.get("variant", config.model.get("name"))
+  model = vidtok_jax.VidTok(config.model)
+  try:
+    # Cheap checks first: a bad size, video or tokens file fails before the weights load.
+    if FLAGS.input:
+      num_frames = FLAGS.num_frames or reconstruct.default_num_frames(model.config)
+      reconstruct.check_window(model.config, num_frames, FLAGS.height, FLAGS.width)
+    else:
+      reconstruct.load_tokens(FLAGS.tokens, variant=variant, model_config=model.config)
+    params = load_init_params(weights, config, use_ema=FLAGS.use_ema)
+    if FLAGS.input:
+      result = reconstruct.run_video(
+          model, params, source, FLAGS.output_dir, variant=variant,
+          size=(FLAGS.height, FLAGS.width), sample_fps=FLAGS.sample_fps, num_frames=num_frames,
+          concat_input=FLAGS.concat_input, save=FLAGS.save_tokens, seed=FLAGS.seed,
+          batch_size=FLAGS.batch_size)
+      print(f"{result['input']}: {result['num_windows']} window(s) x {result['num_frames']} "
+            f"frames at {result['size'][0]}x{result['size'][1]} ({result['dropped_frames']} tail "
+            f"frame(s) dropped), mean PSNR {result['mean']:.2f} dB; wrote "
+            + ", ".join(result["written"]))
+    else:
+      result = reconstruct.run_tokens(model, params, source, FLAGS.output_dir, variant=variant,
+                                      batch_size=FLAGS.batch_size)
+      print(f"{result['tokens']}: decoded {result['num_windows']} window(s) into "
+            f"{result['num_output_frames']} frames at {result['size'][0]}x{result['size'][1]}; "
+            f"wrote {result['written'][0]}")
+  except (ValueError, FileNotFoundError) as e:  # bad video / tokens / weights: say which and why
+    raise app.UsageError(str(e)) from e
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,139 @@
+"""Evaluation (`vidtok_jax/evaluation.py`, `eval.py`) on real clips with a tiny random model.
+
+The library run checks the numbers against a direct recomputation; one `eval.py` subprocess run
+checks the command line, the JSON, the table and that a corrupt video is skipped, not fatal.
+"""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SHARED, random_params
+
+import vidtok_jax
+from vidtok_jax import evaluation
+from vidtok_jax.metrics.psnr import psnr
+from vidtok_jax.metrics.ssim import ssim
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+VAL = SHARED / "data" / "videos" / "val"
+I3D = SHARED / "weights" / "i3d-kinetics-400.ckpt"
+_SPEC = importlib.util.spec_from_file_location("vidtok_configs", REPO / "configs" / "vidtok.py")
+configs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(configs)
+VIDEOS = ("vidtok_example.mp4", "imageio_cockatoo.mp4")
+
+
+def tiny(fps=4.0):
+  cfg = configs.get_config("kl_causal_488_4chn,tiny")
+  cfg.data.size, cfg.data.num_frames, cfg.data.eval_sample_fps = 32, 9, fps
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  if not VAL.is_dir():
+    pytest.skip(f"shared clips {VAL} not found (needs ../shared beside the repo)")
+  root = tmp_path_factory.mktemp("eval_videos")
+  for n in VIDEOS:
+    shutil.copy(VAL / n, root / n)
+  (root / "zz_broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
+  return root
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(vidtok_jax.abstract_params(tiny().model), seed=3)
+
+
+def test_metrics_match_direct_recomputation(folder, params):
+  cfg = tiny()
+  ev = evaluation.Evaluator(cfg, params, lpips_net=None, fvd=False, batch_size=2,
+                            sample_posterior=False)
+  paths = [str(folder / n) for n in VIDEOS] + [str(folder / "zz_broken.mp4")]
+  res = ev.run(evaluation.folder_videos(paths, cfg.data.eval_sample_fps), progress=False)
+  assert [s["path"] for s in res["skipped"]] == [paths[-1]]
+  assert len(res["videos"]) == 2 and res["lpips"] is None and res["fvd"] is None
+  # Direct recomputation of the first video: official windows, clamp, [0, 1], per-frame means.
+  item = next(evaluation.folder_videos(paths[:1], cfg.data.eval_sample_fps))
+  raw, _ = item.load()
+  x01 = evaluation.sampling.resize_short_side_and_center_crop(raw, 32)
+  clips, _ = evaluation.windows(x01, 9, "clips", True)
+  model = vidtok_jax.VidTok(cfg.model)
+  _, y, _ = model.apply({"params": params}, jnp.asarray(clips) * 2 - 1, False, 0, False)
+  r01 = (jnp.clip(y, -1, 1) + 1) / 2
+  v = res["videos"][0]
+  assert v["windows"] == len(clips) and v["scored_frames"] == len(clips) * 9
+  np.testing.assert_allclose(v["psnr"], float(jnp.mean(psnr(clips, r01))), rtol=1e-5)
+  np.testing.assert_allclose(v["ssim"], float(jnp.mean(ssim(clips, r01))), rtol=1e-4)
+  # Aggregates are frame-weighted means of the per-video values.
+  w = np.array([r["scored_frames"] for r in res["videos"]], float)
+  for k in ("psnr", "ssim"):
+    np.testing.assert_allclose(res[k], np.sum(w * [r[k] for r in res["videos"]]) / w.sum(),
+                               rtol=1e-6)
+  p = res["protocol"]
+  assert p["num_videos"] == 2 and p["num_skipped"] == 1 and p["resolution"] == [32, 32]
+  assert p["padded_frames_scored"] is True and "deterministic" in p["latent"]
+  assert len(p["params_sha256"]) == 64
+
+
+def test_padded_frames_can_be_excluded(folder, params):
+  cfg = tiny()
+  ev = evaluation.Evaluator(cfg, params, lpips_net=None, fvd=False, score_padded_frames=False)
+  res = ev.run(evaluation.folder_videos([str(folder / VIDEOS[0])], 4.0), progress=False)
+  v = res["videos"][0]
+  assert v["scored_frames"] == v["frames"] < v["windows"] * 9
+
+
+def test_long_mode_skips_short_videos_with_a_reason(folder, params):
+  cfg = tiny(fps=2.0)  # few frames: the cockatoo clip is too short for 16k + 1
+  ev = evaluation.Evaluator(cfg, params, lpips_net=None, fvd=False, mode="long")
+  res = ev.run(evaluation.folder_videos([str(folder / n) for n in VIDEOS], 2.0), progress=False)
+  reasons = {pathlib.Path(s["path"]).name: s["reason"] for s in res["skipped"]}
+  for v in res["videos"]:
+    assert v["windows"] == 1 and v["scored_frames"] % 16 == 1 and v["scored_frames"] > 16
+  assert all(r == "too_short" for r in reasons.values())
+  assert len(res["videos"]) + len(reasons) == 2
+
+
+def test_eval_cli_writes_json_and_table(folder, params, tmp_path):
+  if not I3D.is_file():
+    pytest.skip(f"I3D weights {I3D} not found (needs ../shared beside the repo)")
+  import orbax.checkpoint as ocp
+
+  ckpt = tmp_path / "params"
+  c = ocp.StandardCheckpointer()
+  c.save(ckpt, jax.tree.map(np.asarray, params))
+  c.wait_until_finished()
+  out = tmp_path / "res" / "results.json"
+  cmd = [sys.executable, str(REPO / "eval.py"),
+         f"--config={REPO}/configs/vidtok.py:kl_causal_488_4chn,tiny", f"--checkpoint={ckpt}",
+         f"--data_dir={folder}", "--size=32", "--num_frames=9", "--sample_fps=3",
+         f"--i3d_weights={I3D}", "--lpips_net=vgg", f"--output={out}", "--batch_size=2"]
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert p.returncode == 0, p.stderr[-5000:]
+  res = json.loads(out.read_text())
+  for k in ("psnr", "ssim", "lpips", "fvd"):
+    assert isinstance(res[k], float) and np.isfinite(res[k]), (k, res[k])
+  assert 0 < res["lpips"] < 1.5 and -1 <= res["ssim"] <= 1 and res["fvd"] >= 0
+  assert len(res["videos"]) == 2 and res["skipped"][0]["path"].endswith("zz_broken.mp4")
+  assert res["protocol"]["checkpoint_kind"] == "checkpoint"
+  assert res["protocol"]["num_clips"] >= 2 and res["protocol"]["sample_fps"] == 3.0
+  assert "ALL (frame-weighted)" in p.stdout and "FVD" in p.stdout
+  assert "zz_broken.mp4" in p.stdout  # the skipped video is listed with its reason
+
+
+@pytest.mark.parametrize("size,frames,match", [(36, 9, "not divisible by the model's spatial"),
+                                               (32, 10, "needs 1 \\+ 4k frames")])
+def test_bad_protocol_settings_are_refused(params, size, frames, match):
+  cfg = tiny()
+  cfg.data.size, cfg.data.num_frames = size, frames
+  with pytest.raises(ValueError, match=match):
+    evaluation.Evaluator(cfg, params, lpips_net=None, fvd=False)

@@ -1,0 +1,478 @@
+"""Reconstruct a video with a VidTok model, as the official `inference_reconstruct.py` (SPEC 9.2).
+
+    frames01, info = load_video("clip.mp4", (256, 256), sample_fps=30)
+    recon01, tokens = reconstruct_video(model, params, frames01, num_frames=17, seed=42)
+    write_video("clip_recon.mp4", to_uint8(recon01), fps=30)
+    save_tokens("clip_tokens.npz", tokens, variant=..., fps=30, size=(256, 256), num_frames=17,
+                num_input_frames=len(frames01))
+    video01 = decode_tokens(model, params, load_tokens("clip_tokens.npz", variant=...))
+
+Protocol (official): frames 0, d, 2d, ... with d = round(fps / sample_fps); short side resized to
+the height (antialiased bilinear), centre crop; consecutive windows of `num_frames` (17 causal,
+16 non-causal), the incomplete tail DROPPED; each window through the official forward
+`model(x)`; `clamp(-1, 1)`, `(x + 1) / 2 * 255` truncated to uint8; written at `sample_fps`.
+
+Latents: the video comes from the official forward, which SAMPLES the KL posterior; the sample of
+window k is drawn with `fold_in(key(seed), k)`, so it does not depend on how windows are batched.
+The saved KL tokens are the posterior MODE (mean) instead, so a tokens file is deterministic;
+decoding it therefore gives the mean reconstruction, not the sampled video. FSQ has no sampling:
+its indices decode to exactly the forward's reconstruction (v1.1 causal: the last `num_frames`
+frames of each decoded window, as the forward trims).
+
+Tokens files (`save_tokens`) are `.npz`: `indices` int32 `(K, t, h, w)` (FSQ) or `latents` float32
+`(K, t, h, w, C)` (KL), K windows, plus metadata (`format`, `variant`, `fps`, `size`, `num_frames`,
+`num_input_frames`, `source`), loadable without pickle.
+"""
+
+import fractions
+import json
+import logging
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidtok_jax.data import decode as decode_video
+from vidtok_jax.data import sampling
+from vidtok_jax.metrics.psnr import psnr
+from vidtok_jax.models.autoencoder import output_frames
+
+log = logging.getLogger("vidtok_jax.reconstruct")
+
+FORMAT = "vidtok_jax.reconstruct/1"
+SEED = 42
+_META_KEYS = ("format", "variant", "fps", "size", "num_frames", "num_input_frames")
+
+
+# ------------------------------------------------------------------ checks
+
+
+def default_num_frames(model_config) -> int:
+  """The official window: 17 frames for causal models (chunk_size + 1), 16 for non-causal."""
+  return 17 if model_config.causal else 16
+
+
+def _spec(model_config):
+  from vidtok_jax.config import ModelSpec
+
+  return model_config if isinstance(model_config, ModelSpec) else ModelSpec.from_config(
+      model_config)
+
+
+def check_window(model_config, num_frames: int, height: int, width: int):
+  """ValueError unless windows of `num_frames` at `height x width` round-trip through the model
+  (same frame count out as in; sizes divisible by the spatial factor; even for H.264)."""
+  s = _spec(model_config)
+  f, sf = s.time_downsample_factor, s.spatial_factor
+  if height < 1 or width < 1 or height % sf or width % sf:
+    raise ValueError(f"--height/--width must be positive multiples of {s.name}'s spatial factor "
+                     f"{sf}, got {height}x{width}")
+  if num_frames < 1 or (not s.causal and num_frames < f):
+    raise ValueError(f"num_frames must be >= {1 if s.causal else f} for {s.name}, got "
+                     f"{num_frames}")
+  if output_frames(s, num_frames)[1] != num_frames:  # v1.0 causal: 1 + f*k; non-causal: f*k
+    rule = f"1 + {f}k (e.g. 17)" if s.causal else f"a multiple of {f} (e.g. 16)"
+    raise ValueError(f"{s.name} reconstructs {output_frames(s, num_frames)[1]} frames from a "
+                     f"window of {num_frames}; use num_frames = {rule}")
+
+
+# ------------------------------------------------------------------ video in
+
+
+def load_video(path, size, sample_fps: float = 30.0):
+  """`(frames01 float32 (N, h, w, 3) in [0, 1], info)` of the frames sampled from `path`.
+
+  `size`: (h, w) or an int. `info`: dict(path, fps, num_source_frames, frame_interval). Raises
+  `VideoDecodeError` (a ValueError whose message starts with the path and says why) for a file
+  that cannot be decoded.
+  """
+  if sample_fps <= 0:
+    raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
+  frames, info = decode_video(path)
+  interval = sampling.frame_interval(info.fps, sample_fps) if info.fps > 0 else 1
+  frames = frames[::interval]  # frame ids 0, d, 2d, ... (official)
+  frames01 = sampling.resize_short_side_and_center_crop(frames, size)
+  return frames01, dict(path=info.path, fps=info.fps, num_source_frames=info.num_frames,
+                        frame_interval=interval, source_size=[info.height, info.width])
+
+
+def split_windows(frames, num_frames: int, what: str = "the video", hint: str = "") -> np.ndarray:
+  """`(N, ...)` -> `(K, num_frames, ...)`, K = N // num_frames: the incomplete tail is dropped
+  (official). ValueError when not even one window fits (`what` and `hint` go in its message)."""
+  n = len(frames)
+  k = n // num_frames
+  if k == 0:
+    raise ValueError(f"{what} has {n} sampled frame(s); one window needs {num_frames}"
+                     + (f" ({hint})" if hint else ""))
+  if n % num_frames:
+    log.info("%s: dropping the last %d of %d frames (incomplete window, as official)", what,
+             n % num_frames, n)
+  frames = np.asarray(frames)[:k * num_frames]
+  return frames.reshape((k, num_frames) + frames.shape[1:])
+
+
+# ------------------------------------------------------------------ model calls
+
+_JIT_CACHE = {}  # (ModelSpec, what) -> jitted function; params are an argument, not a constant
+
+
+def _clamp01(y):
+  return (jnp.clip(y.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
+
+
+def _forward_fn(model):
+  key = (model.config, "forward")
+  if key not in _JIT_CACHE:
+    fsq = model.config.regularizer == "fsq"
+
+    def one(params, x01, window, seed):
+      # One window at a time under vmap, so each window's KL sample uses its own key and does
+      # not depend on the batching.
+      rng = jax.random.fold_in(jax.random.key(seed), window)
+      _, y, aux = model.apply({"params": params}, (x01 * 2.0 - 1.0)[None], not fsq, 0, False,
+                              rngs={"sample": rng})
+      return _clamp01(y[0]), (aux["indices"] if fsq else aux["mean"].astype(jnp.float32))[0]
+
+    _JIT_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
+  return _JIT_CACHE[key]
+
+
+def _decode_fn(model, num_frames: int):
+  key = (model.config, "decode", num_frames)
+  if key not in _JIT_CACHE:
+    fsq = model.config.regularizer == "fsq"
+    t_out = output_frames(model.config, num_frames)[1]
+
+    def dec(params, tokens):
+      method = model.decode_indices if fsq else model.decode
+      y = model.apply({"params": params}, tokens, method=method)
+      return _clamp01(y[:, y.shape[1] - t_out:])  # v1.1 causal: the forward's last T frames
+
+    _JIT_CACHE[key] = jax.jit(dec)
+  return _JIT_CACHE[key]
+
+
+def _chunks(k: int, batch_size: int):
+  for lo in range(0, k, batch_size):
+    yield lo, min(lo + batch_size, k)
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """Pad axis 0 to n rows by repeating the last (so every call has the same shape: one jit)."""
+  return x if len(x) == n else np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  try:
+    from tqdm import tqdm
+  except ImportError:  # progress bars are a nicety, not a dependency
+    return None
+  return tqdm(total=total, desc=desc, unit="window", disable=not enabled, leave=False)
+
+
+def reconstruct_windows(model, params, windows01, seed: int = SEED, batch_size: int = 1,
+                        progress: bool = False):
+  """`windows01 (K, T, H, W, 3)` in [0, 1] -> `(recon01 (K, T, H, W, 3) float32 in [0, 1],
+  tokens)` through the official forward (KL: sampled latent, window k seeded with
+  `fold_in(key(seed), k)`), `batch_size` windows per call (the last call padded).
+  tokens: FSQ indices int32 `(K, t, h, w)` or KL posterior means float32 `(K, t, h, w, C)`."""
+  windows01 = np.asarray(windows01, np.float32)
+  k = len(windows01)
+  batch_size = max(1, min(batch_size, k))
+  fn = _forward_fn(model)
+  recon, tokens = [], []
+  bar = _progress(k, "reconstruct", progress)
+  for lo, hi in _chunks(k, batch_size):
+    ids = _pad_rows(np.arange(lo, hi, dtype=np.int32), batch_size)
+    r, t = fn(params, _pad_rows(windows01[lo:hi], batch_size), ids, seed)
+    recon.append(np.asarray(r)[:hi - lo])
+    tokens.append(np.asarray(t)[:hi - lo])
+    if bar is not None:
+      bar.update(hi - lo)
+  if bar is not None:
+    bar.close()
+  return np.concatenate(recon), np.concatenate(tokens)
+
+
+def reconstruct_video(model, params, frames01, num_frames: int, seed: int = SEED,
+                      batch_size: int = 1, progress: bool = False):
+  """Sampled frames `(N, H, W, 3)` in [0, 1] -> `(recon01 (K * num_frames, H, W, 3), tokens)`:
+  K = N // num_frames windows (tail dropped), see `reconstruct_windows`."""
+  check_window(model.config, num_frames, frames01.shape[1], frames01.shape[2])
+  windows = split_windows(frames01, num_frames)
+  recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress)
+  return recon.reshape((-1,) + recon.shape[2:]), tokens
+
+
+def decode_tokens(model, params, tokens, num_frames: Optional[int] = None, batch_size: int = 1,
+                  progress: bool = False) -> np.ndarray:
+  """Tokens of K windows -> video `(K * num_frames, H, W, 3)` float32 in [0, 1] (clamped).
+
+  `tokens`: a dict from `load_tokens` (then `num_frames` defaults to its metadata) or an array
+  (FSQ indices `(K, t, h, w)` / KL latents `(K, t, h, w, C)`). Each window is decoded and, as
+  the forward does, trimmed to its last `num_frames` frames (only v1.1 causal decodes more).
+  """
+  if isinstance(tokens, dict):
+    num_frames = num_frames or int(tokens["num_frames"])
+    tokens = tokens["indices"] if "indices" in tokens else tokens["latents"]
+  if num_frames is None:
+    raise ValueError("decode_tokens needs num_frames for a bare tokens array")
+  s = model.config
+  tokens = _check_tokens(s, np.asarray(tokens), num_frames)
+  k = len(tokens)
+  batch_size = max(1, min(batch_size, k))
+  fn = _decode_fn(model, num_frames)
+  out = []
+  bar = _progress(k, "decode", progress)
+  for lo, hi in _chunks(k, batch_size):
+    out.append(np.asarray(fn(params, _pad_rows(tokens[lo:hi], batch_size)))[:hi - lo])
+    if bar is not None:
+      bar.update(hi - lo)
+  if bar is not None:
+    bar.close()
+  video = np.concatenate(out)
+  return video.reshape((-1,) + video.shape[2:])
+
+
+def _check_tokens(spec, tokens: np.ndarray, num_frames: int) -> np.ndarray:
+  """Shape / dtype / range checks of a tokens array against the model (ValueError)."""
+  t_lat = output_frames(spec, num_frames)[0]
+  if spec.regularizer == "fsq":
+    if tokens.ndim != 4 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"{spec.name} (FSQ) decodes integer indices (K, t, h, w), got "
+                       f"{tokens.dtype} {tokens.shape}")
+    n = int(np.prod(spec.levels))
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= n):  # checked here: jit cannot
+      raise ValueError(f"token indices must be in [0, {n}) for {spec.name}, got values in "
+                       f"[{tokens.min()}, {tokens.max()}]")
+    tokens = tokens.astype(np.int32)
+  else:
+    if tokens.ndim != 5 or tokens.shape[-1] != spec.z_channels:
+      raise ValueError(f"{spec.name} (KL) decodes latents (K, t, h, w, {spec.z_channels}), got "
+                       f"{tokens.dtype} {tokens.shape}")
+    tokens = tokens.astype(np.float32)
+  if len(tokens) == 0 or tokens.shape[1] != t_lat:
+    raise ValueError(f"windows of {num_frames} frames have {t_lat} latent frames in {spec.name}, "
+                     f"got tokens of shape {tokens.shape}")
+  return tokens
+
+
+# ------------------------------------------------------------------ tokens files
+
+
+def save_tokens(path, tokens, *, variant: str, fps: float, size, num_frames: int,
+                num_input_frames: int, source: str = "", **extra):
+  """Writes a tokens `.npz`: FSQ indices (integer array) under `indices`, KL latents (float)
+  under `latents`, and the metadata (plain numpy scalars/strings: no pickle on load)."""
+  tokens = np.asarray(tokens)
+  key = "indices" if np.issubdtype(tokens.dtype, np.integer) else "latents"
+  arrays = {key: tokens.astype(np.int32 if key == "indices" else np.float32),
+            "format": np.str_(FORMAT), "variant": np.str_(variant), "fps": np.float64(fps),
+            "size": np.asarray(size, np.int32).reshape(2), "num_frames": np.int32(num_frames),
+            "num_input_frames": np.int32(num_input_frames), "source": np.str_(source)}
+  arrays.update({k: np.asarray(v) for k, v in extra.items()})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez_compressed(path, **arrays)
+
+
+def load_tokens(path, *, variant: Optional[str] = None, model_config=None) -> dict:
+  """A tokens `.npz` -> dict (`indices` or `latents`, and the metadata as Python values).
+
+  With `variant` / `model_config`, checks that the file was made for that variant and that the
+  tokens fit the model (kind, latent channels, frame and spatial sizes). ValueError names the
+  problem (missing keys, another variant, ...); FileNotFoundError for a missing file.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"tokens file {path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      d = {k: z[k] for k in z.files}
+  except Exception as e:  # a truncated zip, another format, pickled objects ...
+    raise ValueError(f"{path} is not a tokens .npz written by save_tokens: {e}") from e
+  missing = [k for k in _META_KEYS if k not in d]
+  if not ("indices" in d or "latents" in d):
+    missing.insert(0, "indices or latents")
+  if missing:
+    raise ValueError(f"{path} is not a tokens file of vidtok_jax.reconstruct: missing key(s) "
+                     f"{', '.join(missing)}")
+  if str(d["format"]) != FORMAT:
+    raise ValueError(f"{path}: unknown tokens format {str(d['format'])!r} (expected {FORMAT!r})")
+  out = {k: v for k, v in d.items() if k in ("indices", "latents")}
+  out.update(format=str(d["format"]), variant=str(d["variant"]), fps=float(d["fps"]),
+             size=tuple(int(v) for v in d["size"]), num_frames=int(d["num_frames"]),
+             num_input_frames=int(d["num_input_frames"]),
+             source=str(d["source"]) if "source" in d else "")
+  for k, v in d.items():  # extra metadata, as Python values
+    if k not in out:
+      out[k] = v.item() if v.ndim == 0 else v
+  if variant is not None and out["variant"] != variant:
+    raise ValueError(f"{path} holds tokens of {out['variant']}, not of {variant} (the --config "
+                     "variant); decode it with the model that made it")
+  if model_config is not None:
+    s = _spec(model_config)
+    kind = "indices" if s.regularizer == "fsq" else "latents"
+    if kind not in out:
+      raise ValueError(f"{path} holds {'latents' if kind == 'indices' else 'indices'}, but "
+                       f"{s.name} decodes {kind}")
+    h, w = out["size"]
+    check_window(s, out["num_frames"], h, w)
+    tokens = _check_tokens(s, out[kind], out["num_frames"])
+    sf = s.spatial_factor
+    if tokens.shape[2:4] != (h // sf, w // sf):
+      raise ValueError(f"{path}: tokens of spatial size {tokens.shape[2:4]} do not match the "
+                       f"stated frame size {h}x{w} (factor {sf})")
+  return out
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def to_uint8(frames01) -> np.ndarray:
+  """[0, 1] float -> uint8 by `x * 255` truncation (the official `(x + 1) / 2 * 255` cast)."""
+  return (np.clip(np.asarray(frames01, np.float32), 0.0, 1.0) * np.float32(255.0)).astype(
+      np.uint8)
+
+
+def side_by_side(left, right) -> np.ndarray:
+  """Two `(T, H, W, C)` videos -> `(T, H, 2W, C)` (left | right), as `--concate_input`."""
+  left, right = np.asarray(left), np.asarray(right)
+  if left.shape != right.shape:
+    raise ValueError(f"side_by_side needs equal shapes, got {left.shape} and {right.shape}")
+  return np.concatenate([left, right], axis=2)
+
+
+def write_video(path, frames, fps: float, crf: int = 18):
+  """Writes uint8 `(T, H, W, 3)` RGB frames as H.264 (libx264, yuv420p) at `fps`.
+
+  yuv420p needs even H and W. `crf` 18: visually near-lossless (x264's default is 23).
+  """
+  import av
+
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+    raise ValueError(f"write_video expects uint8 frames (T>0, H, W, 3), got {frames.dtype} "
+                     f"{frames.shape}")
+  _, h, w, _ = frames.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
+  if not fps > 0:
+    raise ValueError(f"fps must be > 0, got {fps}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  rate = fractions.Fraction(fps).limit_denominator(1001)  # 29.97... -> 30000/1001
+  with av.open(os.fspath(path), mode="w") as container:
+    stream = container.add_stream("libx264", rate=rate)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    stream.options = {"crf": str(crf)}
+    for i, frame in enumerate(frames):
+      vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+      vf.pts = i
+      vf.time_base = fractions.Fraction(1) / rate
+      container.mux(stream.encode(vf))
+    container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def psnr_per_frame(frames01, recon01) -> np.ndarray:
+  """Per-frame PSNR (official `compute_psnr`, [0, 1] data) as float64 `(N,)`."""
+  return np.asarray(psnr(np.asarray(frames01, np.float32), np.asarray(recon01, np.float32)),
+                    np.float64)
+
+
+def plot_psnr(path, values, title: str, window: Optional[int] = None):
+  """Saves a PNG of per-frame PSNR (dashed lines at window boundaries)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  values = np.asarray(values)
+  fig, ax = plt.subplots(figsize=(8, 3.5))
+  ax.plot(np.arange(len(values)), values, marker=".", lw=1)
+  if window:
+    for b in range(window, len(values), window):
+      ax.axvline(b - 0.5, color="0.7", ls="--", lw=0.8)
+  ax.set_xlabel("frame")
+  ax.set_ylabel("PSNR (dB)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _stem(path) -> str:
+  return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
+def run_video(model, params, input_path, output_dir, *, variant: str, size=(256, 256),
+              sample_fps: float = 30.0, num_frames: Optional[int] = None,
+              concat_input: bool = True, save: bool = False, seed: int = SEED,
+              batch_size: int = 1, progress: bool = True) -> dict:
+  """The whole `--input` path: read, reconstruct, write videos, PSNR plot/JSON and tokens.
+
+  Returns a summary dict (paths written, window counts, mean PSNR).
+  """
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
+  num_frames = num_frames or default_num_frames(model.config)
+  check_window(model.config, num_frames, h, w)
+  frames01, info = load_video(input_path, (h, w), sample_fps)
+  interval = info["frame_interval"]
+  windows = split_windows(
+      frames01, num_frames, what=f"{info['path']} (at sample_fps {sample_fps:g}: every "
+      f"{interval} of {info['num_source_frames']} frames)",
+      hint="a shorter --num_frames" + (" or a higher --sample_fps" if interval > 1 else ""))
+  recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress)
+  inp = windows.reshape((-1,) + windows.shape[2:])
+  recon = recon.reshape(inp.shape)
+  values = psnr_per_frame(inp, recon)
+  mean = float(np.mean(values))
+
+  stem = _stem(input_path)
+  os.makedirs(output_dir, exist_ok=True)
+  out = {k: os.path.join(output_dir, f"{stem}_{k}")
+         for k in ("recon.mp4", "side_by_side.mp4", "psnr.png", "psnr.json", "tokens.npz")}
+  recon_u8 = to_uint8(recon)
+  write_video(out["recon.mp4"], recon_u8, sample_fps)
+  if concat_input:
+    write_video(out["side_by_side.mp4"], side_by_side(to_uint8(inp), recon_u8), sample_fps)
+  fsq = model.config.regularizer == "fsq"
+  latent = "FSQ codes" if fsq else f"sampled KL latent (seed {seed}, fold_in per window)"
+  plot_psnr(out["psnr.png"], values, f"{stem}: {variant}, {h}x{w}, {len(windows)} x "
+            f"{num_frames} frames — mean PSNR {mean:.2f} dB", window=num_frames)
+  summary = dict(input=info["path"], variant=variant, size=[h, w], sample_fps=sample_fps,
+                 frame_interval=info["frame_interval"], source_fps=info["fps"],
+                 num_source_frames=info["num_source_frames"], num_input_frames=len(frames01),
+                 num_frames=num_frames, num_windows=len(windows), num_output_frames=len(recon),
+                 dropped_frames=len(frames01) - len(recon), latent=latent, seed=seed,
+                 psnr_definition="-10 log10(mse + 1e-8) per frame, [0,1], clamped float recon",
+                 mean=mean, psnr=[float(v) for v in values])
+  with open(out["psnr.json"], "w") as f:
+    json.dump(summary, f, indent=1)
+  if save:
+    save_tokens(out["tokens.npz"], tokens, variant=variant, fps=sample_fps, size=(h, w),
+                num_frames=num_frames, num_input_frames=len(frames01), source=info["path"])
+  written = [out["recon.mp4"]] + ([out["side_by_side.mp4"]] if concat_input else []) + [
+      out["psnr.png"], out["psnr.json"]] + ([out["tokens.npz"]] if save else [])
+  return dict(summary, written=written)
+
+
+def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_size: int = 1,
+               progress: bool = True) -> dict:
+  """The `--tokens` path: decode a tokens file to `<stem>_decoded.mp4` at its stored fps."""
+  tok = load_tokens(tokens_path, variant=variant, model_config=model.config)
+  video = decode_tokens(model, params, tok, batch_size=batch_size, progress=progress)
+  stem = _stem(tokens_path)
+  stem = stem[:-len("_tokens")] if stem.endswith("_tokens") and stem != "_tokens" else stem
+  path = os.path.join(output_dir, f"{stem}_decoded.mp4")
+  write_video(path, to_uint8(video), tok["fps"])
+  key = "indices" if "indices" in tok else "latents"
+  return dict(tokens=os.fspath(tokens_path), variant=variant, num_windows=len(tok[key]),
+              num_frames=tok["num_frames"], num_output_frames=len(video), size=list(tok["size"]),
+              fps=tok["fps"], written=[path])
+
+
+__all__ = ["FORMAT", "check_window", "decode_tokens", "default_num_frames", "load_tokens",
+           "load_video", "plot_psnr", "psnr_per_frame", "reconstruct_video", "reconstruct_windows",
+           "run_tokens", "run_video", "save_tokens", "side_by_side", "split_windows", "to_uint8",
+           "write_video"]
