@@ -20,16 +20,11 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from vidtok_jax import cli_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/vidtok.py:VARIANT[,tiny]",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Train workdir (latest good checkpoint).")
-flags.DEFINE_string("checkpoint", None, "Checkpoints folder, step folder or `convert to-flax` "
-                    "folder.")
-flags.DEFINE_string("torch_checkpoint", None, "Official .ckpt / .safetensors file.")
-flags.DEFINE_bool("use_ema", False, "Evaluate the EMA weights of a train checkpoint.")
+cli_flags.define_model_flags()
 flags.DEFINE_string("data_dir", None, "Folder of videos (searched recursively).")
 flags.DEFINE_string("csv", None, "VidTok meta CSV (header `videos`) relative to --data_dir.")
 flags.DEFINE_string("tfds_name", None, "Prepared TFDS dataset instead of --data_dir.")
@@ -50,15 +45,6 @@ flags.DEFINE_bool("sample_posterior", True, "KL models: sample the latent (offic
 flags.DEFINE_bool("score_padded_frames", True, "Score the repeated frames padding the last "
                   "window (official).")
 flags.DEFINE_string("output", "results.json", "JSON file for the results.")
-flags.mark_flags_as_required(["config"])
-
-
-def _source_flag():
-  given = [n for n in ("workdir", "checkpoint", "torch_checkpoint") if FLAGS[n].value]
-  if len(given) != 1:
-    raise app.UsageError("give exactly one of --workdir, --checkpoint, --torch_checkpoint "
-                         f"(got {', '.join('--' + g for g in given) or 'none'})")
-  return FLAGS[given[0]].value
 
 
 def main(argv):
@@ -66,7 +52,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(FLAGS.data_dir) == bool(FLAGS.tfds_name):
     raise app.UsageError("give exactly one of --data_dir, --tfds_name")
-  source = _source_flag()
+  kind, source = cli_flags.one_of(cli_flags.WEIGHT_FLAGS)
   import tensorflow as tf  # the data stack's; keep it off the accelerators
 
   tf.config.set_visible_devices([], "GPU")
@@ -108,9 +94,7 @@ def main(argv):
     videos = list(videos)[:FLAGS.max_videos]
   result = ev.run(videos)
   result["protocol"].update(data, checkpoint=os.path.abspath(source),
-                            checkpoint_kind=[n for n in ("workdir", "checkpoint",
-                                                         "torch_checkpoint")
-                                             if FLAGS[n].value][0], use_ema=FLAGS.use_ema)
+                            checkpoint_kind=kind, use_ema=FLAGS.use_ema)
   print(evaluation.format_table(result))
   print(json.dumps({"protocol": result["protocol"]}, indent=1, default=str))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)

@@ -19,19 +19,13 @@ means). See `vidtok_jax/reconstruct.py` for the library functions.
 """
 
 import logging
-import os
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from vidtok_jax import cli_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/vidtok.py:VARIANT[,tiny]",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Train workdir (latest good checkpoint).")
-flags.DEFINE_string("checkpoint", None, "Checkpoints folder, step folder or `convert to-flax` "
-                    "folder.")
-flags.DEFINE_string("torch_checkpoint", None, "Official .ckpt / .safetensors file.")
-flags.DEFINE_bool("use_ema", False, "Use the EMA weights of a train checkpoint.")
+cli_flags.define_model_flags()
 flags.DEFINE_string("input", None, "Video to reconstruct.")
 flags.DEFINE_string("tokens", None, "A tokens .npz (from --save_tokens) to decode instead.")
 flags.DEFINE_string("output_dir", None, "Folder for the outputs.")
@@ -44,24 +38,14 @@ flags.DEFINE_bool("concat_input", True, "Also write input | reconstruction side 
 flags.DEFINE_bool("save_tokens", False, "Save the FSQ indices / KL posterior means (.npz).")
 flags.DEFINE_integer("seed", 42, "Seed of the KL posterior samples (one key per window).")
 flags.DEFINE_integer("batch_size", 1, "Windows per model call.")
-flags.mark_flags_as_required(["config", "output_dir"])
-
-
-def _one_of(names):
-  given = [n for n in names if FLAGS[n].value]
-  if len(given) != 1:
-    raise app.UsageError(f"give exactly one of {', '.join('--' + n for n in names)} "
-                         f"(got {', '.join('--' + g for g in given) or 'none'})")
-  if not os.path.exists(FLAGS[given[0]].value):
-    raise app.UsageError(f"--{given[0]} {FLAGS[given[0]].value} does not exist")
-  return FLAGS[given[0]].value
+flags.mark_flags_as_required(["output_dir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  weights = _one_of(("workdir", "checkpoint", "torch_checkpoint"))
-  source = _one_of(("input", "tokens"))
+  _, weights = cli_flags.one_of(cli_flags.WEIGHT_FLAGS)
+  _, source = cli_flags.one_of(("input", "tokens"))
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
   import vidtok_jax

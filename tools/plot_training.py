@@ -49,7 +49,7 @@ def main(argv=None):
   steps, psnr = s["val/psnr"]
   order = np.argsort(steps, kind="stable")
   steps, psnr = steps[order], psnr[order]
-  for st, p in zip(steps, psnr):
+  for st, p in zip(steps, psnr, strict=True):
     print(f"step {int(st):6d}  val PSNR {p:.2f} dB")
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   axes[0].plot(steps, psnr, "o-")

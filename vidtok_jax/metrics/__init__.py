@@ -10,7 +10,7 @@ Imported eagerly on purpose: each function shares its name with its submodule, a
 package attribute would be replaced by the submodule once anything imports that.
 """
 
-from vidtok_jax.metrics.fvd import fvd, frechet_distance, i3d_embeddings
+from vidtok_jax.metrics.fvd import frechet_distance, fvd, i3d_embeddings
 from vidtok_jax.metrics.i3d import load_i3d_variables
 from vidtok_jax.metrics.lpips import load_lpips_params, lpips
 from vidtok_jax.metrics.psnr import psnr
