@@ -58,35 +58,12 @@ def load_configs_module():
   return module
 
 
-def random_tree(abstract, seed=0):
-  """numpy-random leaves of `abstract`'s shapes (the scheme of tests/conftest.py random_params):
-  kernels N(0, 1/fan_in), scales N(1, .1), mix factors N(0, 1), everything else N(0, .1)."""
-  import jax
-  import numpy as np
-
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = getattr(path[-1], "key", str(path[-1]))
-    shape = leaf.shape
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(max(fan_in, 1)))
-    if name == "scale":
-      return 1 + np.float32(0.1) * rng.standard_normal(shape, np.float32)
-    if name == "mix_factor":
-      return rng.standard_normal(shape, np.float32)
-    return np.float32(0.1) * rng.standard_normal(shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
 def lpips_params_for(mode, net):
   """(params or None, the mode actually used)."""
+  import importlib
+
   import jax
   import jax.numpy as jnp
-
-  import importlib
 
   lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")  # the module, not the function
 
@@ -103,7 +80,9 @@ def lpips_params_for(mode, net):
   abstract = jax.eval_shape(
       lambda a, b: lpips_lib.LPIPS(net=net).init(jax.random.key(0), a, b), z, z
   )["params"]
-  return random_tree(abstract, seed=1), "random"
+  from vidtok_jax.models.autoencoder import random_params
+
+  return random_params(abstract, seed=1), "random"
 
 
 def device_info():
@@ -185,7 +164,9 @@ def run_point(a, checkpoint=lambda rec: None):
   )
 
   t0 = time.perf_counter()
-  params = random_tree(vidtok_jax.abstract_params(cfg.model), seed=0)
+  from vidtok_jax.models.autoencoder import random_params
+
+  params = random_params(vidtok_jax.abstract_params(cfg.model), seed=0)
   lp, rec["lpips"] = (
       (None, "off")
       if cfg.loss.perceptual_weight <= 0

@@ -102,21 +102,5 @@ def module_params(module, torch_params, *args, **kwargs):
   return params
 
 
-def random_params(abstract, seed=0):
-  """Random params like the reference's (N(0, 1/fan_in) kernels, N(1, .1) scales, N(0, .1) biases
-  and mix factors N(0, 1)), drawn with numpy: far cheaper to get than compiling `init`."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = getattr(path[-1], "key", str(path[-1]))
-    shape = leaf.shape
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name == "scale":
-      return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "mix_factor":
-      return rng.standard_normal(shape).astype(np.float32)
-    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
+# One implementation, in the package (benchmarks use it too).
+from vidtok_jax.models.autoencoder import random_params  # noqa: E402,F401

@@ -38,7 +38,6 @@ from vidtok_jax.metrics.ssim import ssim
 
 log = logging.getLogger("vidtok_jax.eval")
 
-LONG_CHUNK = 16
 SEED = 42
 FVD_BATCH = 4  # I3D clips per call (224x224): one compile, bounded memory
 
@@ -95,16 +94,11 @@ def windows(frames01: np.ndarray, num_frames: int, mode: str, causal: bool):
   """`(clips (K, T', h, w, 3) float32 [0, 1], valid (K, T') bool)`; None if too short (long)."""
   n = len(frames01)
   if mode == "long":
-    keep = LONG_CHUNK * ((n - 1) // LONG_CHUNK) + 1 if causal else LONG_CHUNK * (n // LONG_CHUNK)
-    if (causal and n <= LONG_CHUNK) or keep < 1:
-      return None
-    return frames01[None, :keep], np.ones((1, keep), bool)
-  clips, valid = [], []
-  for a in range(0, n, num_frames):
-    idx = sampling.pad_to_length(np.arange(a, min(a + num_frames, n)), num_frames)
-    clips.append(frames01[idx])
-    valid.append(np.arange(num_frames) < min(num_frames, n - a))
-  return np.stack(clips), np.stack(valid)
+    keep = sampling.long_clip_frames(n, causal)
+    return (frames01[None, :keep], np.ones((1, keep), bool)) if keep else None
+  idx = sampling.eval_windows(n, num_frames)
+  valid = [np.arange(num_frames) < min(num_frames, n - a) for a in range(0, n, num_frames)]
+  return frames01[np.stack(idx)], np.stack(valid)
 
 
 class Evaluator:
@@ -240,7 +234,7 @@ class Evaluator:
       x01 = sampling.resize_short_side_and_center_crop(raw, self.size)
       w = windows(x01, self.num_frames, self.mode, self.causal)
       if w is None:
-        need = f"> {LONG_CHUNK}" if self.causal else f">= {LONG_CHUNK}"
+        need = f"> {sampling.LONG_CHUNK}" if self.causal else f">= {sampling.LONG_CHUNK}"
         msg = f"{len(x01)} frames at {self.sample_fps:g} fps; long mode needs {need}"
         log.warning("skip %s: %s", item.path, msg)
         skipped.append({"path": item.path, "reason": "too_short", "message": msg})

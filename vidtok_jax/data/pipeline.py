@@ -431,7 +431,7 @@ def make_train_iterator(config, start_step: int = 0, process_index: int | None =
 
 # ------------------------------------------------------------------ evaluation
 
-LONG_CHUNK = 16  # SPEC 9.1 long mode: clips of 16 * m (+ 1 causal) frames
+LONG_CHUNK = sampling.LONG_CHUNK
 
 
 def _eval_videos(cfg, process_index, process_count):
@@ -479,10 +479,10 @@ def iterate_eval_clips(config, process_index: int = 0, process_count: int = 1):
   cfg = config_lib.resolve(config, 1)
   t = cfg.num_frames
   for i, ex, ids, clip in _eval_frames(cfg, process_index, process_count):
-    for w, a in enumerate(range(0, len(ids), t)):
-      idx = sampling.pad_to_length(ids[a:a + t], t)
+    for w, local in enumerate(sampling.eval_windows(len(ids), t)):
+      idx = ids[local]
       yield {"video": clip(idx), "path": ex["path"], "video_index": i, "window": w,
-             "num_valid": min(t, len(ids) - a), "frame_indices": idx}
+             "num_valid": min(t, len(ids) - w * t), "frame_indices": idx}
 
 
 def iterate_long_videos(config, process_index: int = 0, process_count: int = 1):
@@ -494,8 +494,8 @@ def iterate_long_videos(config, process_index: int = 0, process_count: int = 1):
   causal = config_lib.is_causal(cfg)
   for i, ex, ids, clip in _eval_frames(cfg, process_index, process_count):
     n = len(ids)
-    keep = LONG_CHUNK * ((n - 1) // LONG_CHUNK) + 1 if causal else LONG_CHUNK * (n // LONG_CHUNK)
-    if (causal and n <= LONG_CHUNK) or keep < 1:
+    keep = sampling.long_clip_frames(n, causal)
+    if not keep:
       log.warning("skip long eval video %d (%s): %d frames at eval_sample_fps, need %s", i,
                   ex["path"], n, "> 16" if causal else ">= 16")
       continue

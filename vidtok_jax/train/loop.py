@@ -89,7 +89,7 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _init_state(config, mesh, shardings, lpips_params):
+def _init_state(config, shardings, lpips_params):
   """A fresh state: `init_from` params (stage 2 / fine-tuning) or a new initialisation."""
   tc = config.train
   params = None
@@ -113,7 +113,7 @@ def _restore_or_init(config, mesh, ckpts, lpips_params):
                         abstract, shardings)
   restored = ckpts.restore(target.replace(lpips_params=None))
   if restored is None:
-    return _init_state(config, mesh, shardings, lpips_params), shardings, 0
+    return _init_state(config, shardings, lpips_params), shardings, 0
   state, step = restored
   log.info("resumed from the checkpoint of step %d", step)
   if lpips_params is not None:
