@@ -12,7 +12,10 @@ Weights: `--workdir` (a train workdir: its latest good checkpoint; `--use_ema`),
 official .ckpt / .safetensors). Frames are sampled at `--sample_fps`, resized (short side) and
 centre-cropped to `--height`x`--width`, split into windows of `--num_frames` (17 causal, 16
 non-causal; the incomplete tail is dropped) and reconstructed with the official forward (KL
-models sample the latent, seeded by `--seed`). Writes `<stem>_recon.mp4`,
+models sample the latent, seeded by `--seed`). `--long` instead streams the WHOLE video chunk by
+chunk (`--chunk_size` frames, `--use_overlap`; `--tile H,W` for large frames), with a progress
+bar, in memory that does not grow with its length; every frame comes back, and its tokens file
+decodes the same way. Writes `<stem>_recon.mp4`,
 `<stem>_side_by_side.mp4` (input | reconstruction, with `--concat_input`), `<stem>_psnr.png`,
 `<stem>_psnr.json` and, with `--save_tokens`, `<stem>_tokens.npz` (FSQ indices or KL posterior
 means). See `vidtok_jax/reconstruct.py` for the library functions.
@@ -38,6 +41,15 @@ flags.DEFINE_bool("concat_input", True, "Also write input | reconstruction side 
 flags.DEFINE_bool("save_tokens", False, "Save the FSQ indices / KL posterior means (.npz).")
 flags.DEFINE_integer("seed", 42, "Seed of the KL posterior samples (one key per window).")
 flags.DEFINE_integer("batch_size", 1, "Windows per model call.")
+flags.DEFINE_bool("long", False, "Reconstruct the whole video (every sampled frame), streamed "
+                  "chunk by chunk in bounded memory (official --read_long_video).")
+flags.DEFINE_integer("chunk_size", 16, "--long: frames per encoder chunk (a multiple of the time "
+                     "factor; decoder chunks are chunk_size / f latents).")
+flags.DEFINE_bool("use_overlap", True, "--long: decode each chunk with one look-ahead latent "
+                  "(official).")
+flags.DEFINE_list("tile", None, "--long: spatial tile HEIGHT,WIDTH in pixels for frames too large "
+                  "for memory (e.g. 256,256); tiles are blended over --tile_overlap pixels.")
+flags.DEFINE_integer("tile_overlap", 64, "--long: pixels shared by neighbouring tiles.")
 flags.mark_flags_as_required(["output_dir"])
 
 
@@ -48,6 +60,14 @@ def main(argv):
   _, source = cli_flags.one_of(("input", "tokens"))
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  long = None
+  if FLAGS.long:
+    try:
+      tile = [int(v) for v in FLAGS.tile] if FLAGS.tile else None
+    except ValueError:
+      raise app.UsageError(f"--tile must be HEIGHT,WIDTH integers, got {FLAGS.tile}") from None
+    long = dict(t_chunk_enc=FLAGS.chunk_size, use_overlap=FLAGS.use_overlap, tile=tile,
+                tile_overlap=FLAGS.tile_overlap)
   import vidtok_jax
   from vidtok_jax import reconstruct
   from vidtok_jax.train.checkpoint import load_init_params
@@ -69,11 +89,12 @@ def main(argv):
           model, params, source, FLAGS.output_dir, variant=variant,
           size=(FLAGS.height, FLAGS.width), sample_fps=FLAGS.sample_fps, num_frames=num_frames,
           concat_input=FLAGS.concat_input, save=FLAGS.save_tokens, seed=FLAGS.seed,
-          batch_size=FLAGS.batch_size)
-      print(f"{result['input']}: {result['num_windows']} window(s) x {result['num_frames']} "
-            f"frames at {result['size'][0]}x{result['size'][1]} ({result['dropped_frames']} tail "
-            f"frame(s) dropped), mean PSNR {result['mean']:.2f} dB; wrote "
-            + ", ".join(result["written"]))
+          batch_size=FLAGS.batch_size, long=long)
+      what = (f"{result['num_output_frames']} frames streamed" if long is not None else
+              f"{result['num_windows']} window(s) x {result['num_frames']} frames")
+      print(f"{result['input']}: {what} at {result['size'][0]}x{result['size'][1]} "
+            f"({result['dropped_frames']} tail frame(s) dropped), mean PSNR "
+            f"{result['mean']:.2f} dB; wrote " + ", ".join(result["written"]))
     else:
       result = reconstruct.run_tokens(model, params, source, FLAGS.output_dir, variant=variant,
                                       batch_size=FLAGS.batch_size)

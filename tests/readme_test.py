@@ -30,3 +30,9 @@ def test_readme_training_example_runs():
   metrics = eval(run_readme_example("The building blocks can be used directly"))  # pylint: disable=eval-used
   assert set(metrics) == {"total_loss", "nll_loss", "d_weight"}
   assert all(v == v and abs(v) < float("inf") for v in metrics.values())
+
+
+def test_readme_long_video_example_runs():
+  printed = run_readme_example("## Long videos")
+  # 41 frames in, 41 out; latents: frame 0, two 16-frame chunks and a front-padded 8-frame tail.
+  assert printed == "(1, 41, 32, 32, 3) (1, 11, 4, 4, 4) (1, 41, 32, 32, 3)", printed

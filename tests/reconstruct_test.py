@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -88,11 +89,14 @@ def runs(tmp_path_factory):
   rc.save_tokens(tokens_path, fsq_idx, variant=fsq.variant, fps=SAMPLE_FPS, size=(SIZE, SIZE),
                  num_frames=T, num_input_frames=len(frames01), source=str(CLIP))
   fsq_proc = cli(fsq, tmp / "fsq_out", f"--tokens={tokens_path}")
+  long_proc = cli(fsq, tmp / "long_out", f"--input={CLIP}", f"--height={SIZE}",
+                  f"--width={SIZE}", f"--sample_fps={SAMPLE_FPS}", "--long", "--chunk_size=8",
+                  "--save_tokens", "--concat_input=false")
   with on_cpu():
     kl_recon, kl_tokens = rc.reconstruct_video(kl.model, kl.params, frames01, T, seed=42)
   return dict(tmp=tmp, kl=kl, fsq=fsq, frames01=frames01, info=info, fsq_recon=fsq_recon,
               fsq_idx=fsq_idx, tokens_path=tokens_path, kl_recon=kl_recon, kl_tokens=kl_tokens,
-              kl_cli=finish(kl_proc), fsq_cli=finish(fsq_proc))
+              kl_cli=finish(kl_proc), fsq_cli=finish(fsq_proc), long_cli=finish(long_proc))
 
 
 def luma_psnr(a_u8, b_u8) -> np.ndarray:
@@ -158,6 +162,37 @@ def test_cli_reconstructs_video(runs):
   assert (tok["fps"], tok["size"], tok["num_frames"], tok["num_input_frames"]) == (
       SAMPLE_FPS, (SIZE, SIZE), T, N_IN)
   assert "indices" not in tok
+
+
+def test_long_video_is_streamed_whole(runs):
+  """`--long`: every sampled frame (46, not 2 x 17) through 8-frame chunks, and its tokens
+  file decodes back to the same video, by the CLI and by the library."""
+  rc_, out, err = runs["long_cli"]
+  assert rc_ == 0, err[-3000:]
+  assert f"{N_IN} frames streamed" in out and "(0 tail frame(s) dropped)" in out, out
+  d = runs["tmp"] / "long_out"
+  fsq, frames01 = runs["fsq"], runs["frames01"]
+  with on_cpu():
+    recon, idx = rc.reconstruct_long(fsq.model.config, fsq.params, frames01, t_chunk_enc=8)
+  assert recon.shape == frames01.shape and idx.shape[0] == 1
+  rep = json.loads((d / "vidtok_example_psnr.json").read_text())
+  assert rep["num_output_frames"] == N_IN and rep["streaming"]["t_chunk_enc"] == 8
+  np.testing.assert_allclose(rep["psnr"], np.asarray(psnr(frames01, recon), np.float64),
+                             rtol=1e-5)
+  video, _ = decode(d / "vidtok_example_recon.mp4")
+  assert video.shape == frames01.shape
+  assert luma_psnr(video, rc.to_uint8(recon)).min() > 30.0
+  # This v1.0 model streams exactly: the first 1 + 4k frames equal one whole-clip forward.
+  n = 1 + 4 * ((N_IN - 1) // 4)
+  _, whole, _ = fsq.model.apply({"params": fsq.params}, jnp.asarray(frames01[None, :n]) * 2 - 1)
+  np.testing.assert_allclose(recon[:n], (np.clip(whole[0], -1, 1) + 1) / 2, atol=1e-5)
+  tok = rc.load_tokens(d / "vidtok_example_tokens.npz", variant=fsq.variant,
+                       model_config=fsq.model.config)
+  np.testing.assert_array_equal(tok["indices"], idx)
+  assert tok["long_video"] == 1 and tok["num_input_frames"] == N_IN
+  with on_cpu():
+    decoded = rc.decode_long_tokens(fsq.model.config, fsq.params, tok)
+  np.testing.assert_allclose(decoded, recon, atol=1e-5)
 
 
 def test_kl_sampling_is_seeded_per_window(runs):

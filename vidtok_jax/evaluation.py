@@ -10,7 +10,10 @@ Protocol (the official `inference_evaluate.py`, stated in every result):
 * "clips" mode: consecutive non-overlapping windows of `num_frames` (17 causal, 16 non-causal),
   the last partial window padded by repeating its last frame; padded frames are scored, as the
   official script does (`score_padded_frames=False` drops them);
-  "long" mode: one clip per video of the first 16k+1 (causal) / 16k (non-causal) frames;
+  "long" mode (official `--read_long_video`): one clip per video of the first 16k+1 (causal) /
+  16k (non-causal) frames, streamed chunk by chunk (`vidtok_jax.streaming`: causal models run
+  the official tiled inference, 16-frame chunks with overlap, in memory flat in the length;
+  non-causal ones 16-frame windows) and scored in groups of 16 frames;
 * `recon = clamp(model(x), -1, 1)`; KL models SAMPLE the latent (official `model(x)`), seeded
   per window from `seed` (42); both mapped to [0, 1];
 * PSNR / SSIM / LPIPS per frame, frame-weighted means over all frames of all videos (the
@@ -33,8 +36,10 @@ import numpy as np
 
 import vidtok_jax
 from vidtok_jax.data import sampling
+from vidtok_jax.data.sampling import LONG_CHUNK
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.metrics.ssim import ssim
+from vidtok_jax.streaming import Streamer, pad_frames
 
 log = logging.getLogger("vidtok_jax.eval")
 
@@ -162,29 +167,35 @@ class Evaluator:
       self.fvd_lib = fvd_lib
       self.i3d = i3d_variables if i3d_variables is not None else fvd_lib.default_variables()
     self._step = self._make_step()
+    self._streamer = None  # long mode: built on first use
     self.params_sha256 = params_sha256(params)
 
   def _make_step(self):
     model, lpips_net = self.model, self.lpips_net
     sample = self.sample_posterior
+    lpips_model = None
     if self.lpips_params is not None:
       from vidtok_jax.metrics.lpips import LPIPS
 
       lpips_model = LPIPS(net=lpips_net)
 
+    def metrics(lp, x01, r01):
+      out = {"psnr": psnr(x01, r01), "ssim": ssim(x01, r01)}
+      if lp is not None:
+        b, t = x01.shape[:2]
+        flat = lambda v: v.reshape((b * t,) + v.shape[2:])
+        out["lpips"] = lpips_model.apply({"params": lp}, flat(x01 * 2.0 - 1.0),
+                                         flat(r01 * 2.0 - 1.0)).reshape(b, t)
+      return out
+
     def step(params, lp, x01, key):
       x = x01 * 2.0 - 1.0
       _, y, _ = model.apply({"params": params}, x, sample, 0, False, rngs={"sample": key})
       r01 = (jnp.clip(y.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
-      out = {"psnr": psnr(x01, r01), "ssim": ssim(x01, r01)}
-      if lp is not None:
-        b, t = x.shape[:2]
-        flat = lambda v: v.reshape((b * t,) + v.shape[2:])
-        out["lpips"] = lpips_model.apply({"params": lp}, flat(x), flat(r01 * 2.0 - 1.0)
-                                         ).reshape(b, t)
-      return out, r01
+      return metrics(lp, x01, r01), r01
 
     batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self._metrics = jax.jit(metrics)
     return jax.jit(step, in_shardings=(None, None, batch, None), out_shardings=(batch, batch))
 
   def protocol(self) -> dict:
@@ -285,8 +296,27 @@ class Evaluator:
     emb = self.fvd_lib.i3d_embeddings(u8, batch_size=FVD_BATCH, variables=self.i3d)
     return emb[:k]
 
+  def _reconstruct_long(self, clip, first_window):
+    """Long mode: the one clip (1, T, h, w, 3) streamed chunk by chunk (causal: the official
+    tiled inference, 16-frame chunks with overlap; non-causal: 16-frame windows), then scored
+    in fixed groups of 16 frames (one compile whatever T)."""
+    if self._streamer is None:
+      self._streamer = Streamer(self.model.config, self.params, t_chunk_enc=LONG_CHUNK,
+                                use_overlap=True, window=LONG_CHUNK,
+                                sample=self.sample_posterior, seed=self.seed)
+    self._streamer.seed = self.seed + first_window
+    recon = (self._streamer.reconstruct(clip * 2.0 - 1.0) + 1.0) / 2.0
+    t = clip.shape[1]
+    pad = -t % LONG_CHUNK
+    xs, rs = (pad_frames(v, t + pad).reshape(-1, LONG_CHUNK, *v.shape[2:])
+              for v in (clip, recon))
+    out = jax.device_get(self._metrics(self.lpips_params, jnp.asarray(xs), jnp.asarray(rs)))
+    return {n: v.reshape(1, -1)[:, :t] for n, v in out.items()}, recon.astype(np.float32)
+
   def _reconstruct(self, clips, first_window):
     """Metrics `{name: (K, T)}` and reconstructions (K, T, h, w, 3) [0, 1] of all windows."""
+    if self.mode == "long":
+      return self._reconstruct_long(clips, first_window)
     k = len(clips)
     b = self.batch_size * self.n_dev
     scores, recons = [], []

@@ -196,6 +196,41 @@ def reconstruct_windows(model, params, windows01, seed: int = SEED, batch_size: 
   return np.concatenate(recon), np.concatenate(tokens)
 
 
+_LONG_DEFAULTS = dict(t_chunk_enc=16, use_overlap=True, tile=None, tile_overlap=64)
+
+
+def reconstruct_long(model_config, params, frames01, *, progress: bool = False, **options):
+  """The whole video `(N, H, W, 3)` in [0, 1] -> `(recon01 (N, H, W, 3), tokens)`, streamed
+  chunk by chunk in bounded memory (official `--read_long_video`: v1.1 tiled inference with
+  16-frame chunks and overlap), see `vidtok_jax.streaming.Streamer` for `options` (t_chunk_enc,
+  use_overlap, tile, tile_overlap, mesh). Every frame comes back (the padding rule of
+  `Streamer.reconstruct`). tokens: FSQ indices `(1, T', h, w)` or the KL posterior mode
+  `(1, T', h, w, C)` (deterministic: no sampling in long mode)."""
+  from vidtok_jax.streaming import Streamer
+
+  options = dict(_LONG_DEFAULTS, **options)
+  codec = Streamer(model_config, params, **options)
+  x = np.asarray(frames01, np.float32)[None] * 2.0 - 1.0
+  z, aux = codec.encode(x, progress=progress)
+  tokens = aux.get("indices", z)
+  recon = codec.decode(tokens, len(frames01), indices="indices" in aux, progress=progress)
+  return (recon[0] + 1.0) / 2.0, tokens
+
+
+def decode_long_tokens(model_config, params, tok: dict, progress: bool = False, **options):
+  """A long-video tokens dict (`load_tokens`, `long_video` set) -> video `(N, H, W, 3)` [0, 1]."""
+  from vidtok_jax.streaming import Streamer
+
+  opts = dict(_LONG_DEFAULTS, t_chunk_enc=int(tok.get("t_chunk_enc", 16)),
+              use_overlap=bool(tok.get("use_overlap", True)))
+  opts.update(options)
+  codec = Streamer(model_config, params, **opts)
+  fsq = "indices" in tok
+  y = codec.decode(tok["indices"] if fsq else tok["latents"], tok["num_input_frames"],
+                   indices=fsq, progress=progress)
+  return (y[0] + 1.0) / 2.0
+
+
 def reconstruct_video(model, params, frames01, num_frames: int, seed: int = SEED,
                       batch_size: int = 1, progress: bool = False):
   """Sampled frames `(N, H, W, 3)` in [0, 1] -> `(recon01 (K * num_frames, H, W, 3), tokens)`:
@@ -317,8 +352,13 @@ def load_tokens(path, *, variant: Optional[str] = None, model_config=None) -> di
       raise ValueError(f"{path} holds {'latents' if kind == 'indices' else 'indices'}, but "
                        f"{s.name} decodes {kind}")
     h, w = out["size"]
-    check_window(s, out["num_frames"], h, w)
-    tokens = _check_tokens(s, out[kind], out["num_frames"])
+    if out.get("long_video"):  # one streamed video: any latent length
+      tokens = out[kind]
+      if tokens.ndim != (4 if kind == "indices" else 5) or len(tokens) != 1:
+        raise ValueError(f"{path}: long-video tokens must be one video, got shape {tokens.shape}")
+    else:
+      check_window(s, out["num_frames"], h, w)
+      tokens = _check_tokens(s, out[kind], out["num_frames"])
     sf = s.spatial_factor
     if tokens.shape[2:4] != (h // sf, w // sf):
       raise ValueError(f"{path}: tokens of spatial size {tokens.shape[2:4]} do not match the "
@@ -408,22 +448,32 @@ def _stem(path) -> str:
 def run_video(model, params, input_path, output_dir, *, variant: str, size=(256, 256),
               sample_fps: float = 30.0, num_frames: Optional[int] = None,
               concat_input: bool = True, save: bool = False, seed: int = SEED,
-              batch_size: int = 1, progress: bool = True) -> dict:
+              batch_size: int = 1, progress: bool = True, long: Optional[dict] = None) -> dict:
   """The whole `--input` path: read, reconstruct, write videos, PSNR plot/JSON and tokens.
 
-  Returns a summary dict (paths written, window counts, mean PSNR).
+  `long`: None for official windows; a dict of `reconstruct_long` options (possibly empty) to
+  stream the whole video instead (all its frames come back). Returns a summary dict (paths
+  written, window counts, mean PSNR).
   """
   h, w = (size, size) if isinstance(size, int) else tuple(size)
   num_frames = num_frames or default_num_frames(model.config)
-  check_window(model.config, num_frames, h, w)
+  if long is None:
+    check_window(model.config, num_frames, h, w)
+  else:
+    check_window(model.config, 1 + model.config.time_downsample_factor if model.config.causal
+                 else model.config.time_downsample_factor, h, w)
   frames01, info = load_video(input_path, (h, w), sample_fps)
   interval = info["frame_interval"]
-  windows = split_windows(
-      frames01, num_frames, what=f"{info['path']} (at sample_fps {sample_fps:g}: every "
-      f"{interval} of {info['num_source_frames']} frames)",
-      hint="a shorter --num_frames" + (" or a higher --sample_fps" if interval > 1 else ""))
-  recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress)
-  inp = windows.reshape((-1,) + windows.shape[2:])
+  if long is not None:  # the whole video, streamed
+    recon, tokens = reconstruct_long(model.config, params, frames01, progress=progress, **long)
+    windows, inp, num_frames = recon[None], frames01, len(frames01)
+  else:
+    windows = split_windows(
+        frames01, num_frames, what=f"{info['path']} (at sample_fps {sample_fps:g}: every "
+        f"{interval} of {info['num_source_frames']} frames)",
+        hint="a shorter --num_frames" + (" or a higher --sample_fps" if interval > 1 else ""))
+    recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress)
+    inp = windows.reshape((-1,) + windows.shape[2:])
   recon = recon.reshape(inp.shape)
   values = psnr_per_frame(inp, recon)
   mean = float(np.mean(values))
@@ -437,7 +487,9 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   if concat_input:
     write_video(out["side_by_side.mp4"], side_by_side(to_uint8(inp), recon_u8), sample_fps)
   fsq = model.config.regularizer == "fsq"
-  latent = "FSQ codes" if fsq else f"sampled KL latent (seed {seed}, fold_in per window)"
+  latent = "FSQ codes" if fsq else (
+      "KL posterior mode" if long is not None else
+      f"sampled KL latent (seed {seed}, fold_in per window)")
   plot_psnr(out["psnr.png"], values, f"{stem}: {variant}, {h}x{w}, {len(windows)} x "
             f"{num_frames} frames — mean PSNR {mean:.2f} dB", window=num_frames)
   summary = dict(input=info["path"], variant=variant, size=[h, w], sample_fps=sample_fps,
@@ -447,11 +499,17 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
                  dropped_frames=len(frames01) - len(recon), latent=latent, seed=seed,
                  psnr_definition="-10 log10(mse + 1e-8) per frame, [0,1], clamped float recon",
                  mean=mean, psnr=[float(v) for v in values])
+  if long is not None:
+    summary.update(streaming=dict(_LONG_DEFAULTS, **{k: v for k, v in long.items()
+                                                      if k != "mesh"}))
   with open(out["psnr.json"], "w") as f:
     json.dump(summary, f, indent=1)
   if save:
+    extra = {} if long is None else dict(long_video=np.int32(1), t_chunk_enc=np.int32(
+        long.get("t_chunk_enc", 16)), use_overlap=np.int32(long.get("use_overlap", True)))
     save_tokens(out["tokens.npz"], tokens, variant=variant, fps=sample_fps, size=(h, w),
-                num_frames=num_frames, num_input_frames=len(frames01), source=info["path"])
+                num_frames=num_frames, num_input_frames=len(frames01), source=info["path"],
+                **extra)
   written = [out["recon.mp4"]] + ([out["side_by_side.mp4"]] if concat_input else []) + [
       out["psnr.png"], out["psnr.json"]] + ([out["tokens.npz"]] if save else [])
   return dict(summary, written=written)
@@ -461,7 +519,10 @@ def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_si
                progress: bool = True) -> dict:
   """The `--tokens` path: decode a tokens file to `<stem>_decoded.mp4` at its stored fps."""
   tok = load_tokens(tokens_path, variant=variant, model_config=model.config)
-  video = decode_tokens(model, params, tok, batch_size=batch_size, progress=progress)
+  if tok.get("long_video"):
+    video = decode_long_tokens(model.config, params, tok, progress=progress)
+  else:
+    video = decode_tokens(model, params, tok, batch_size=batch_size, progress=progress)
   stem = _stem(tokens_path)
   stem = stem[:-len("_tokens")] if stem.endswith("_tokens") and stem != "_tokens" else stem
   path = os.path.join(output_dir, f"{stem}_decoded.mp4")
@@ -472,7 +533,7 @@ def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_si
               fps=tok["fps"], written=[path])
 
 
-__all__ = ["FORMAT", "check_window", "decode_tokens", "default_num_frames", "load_tokens",
-           "load_video", "plot_psnr", "psnr_per_frame", "reconstruct_video", "reconstruct_windows",
+__all__ = ["FORMAT", "check_window", "decode_long_tokens", "decode_tokens", "default_num_frames", "load_tokens",
+           "load_video", "plot_psnr", "psnr_per_frame", "reconstruct_long", "reconstruct_video", "reconstruct_windows",
            "run_tokens", "run_video", "save_tokens", "side_by_side", "split_windows", "to_uint8",
            "write_video"]

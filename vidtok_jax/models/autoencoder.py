@@ -24,6 +24,7 @@ from vidtok_jax.config import ModelSpec
 from vidtok_jax.models.decoder import Decoder
 from vidtok_jax.models.encoder import Encoder
 from vidtok_jax.models.regularizers import DiagonalGaussianRegularizer, FSQRegularizer
+from vidtok_jax.models.tiling import check_chunk, tiled_decode, tiled_encode
 
 log = logging.getLogger("vidtok_jax")
 
@@ -45,6 +46,14 @@ class VidTok(nn.Module):
   Methods (use with `model.apply({"params": p}, ..., method=model.<name>)`):
   `encode(x, sample=False, step=0, compute_aux=True) -> (z, aux)`, `decode(z) -> video`,
   `decode_indices(indices) -> video` (FSQ), and the forward `__call__(x) -> (z, video, aux)`.
+
+  Chunked inference of causal models (the official v1.1 tiling, SPEC 6.2): `encode(...,
+  t_chunk_enc=16)`, `decode(..., t_chunk_dec=4, use_overlap=True)` (also `decode_indices` and
+  the forward) run the official chunk schedule with the per-module caches carried between
+  chunks, the steady chunks under one `lax.scan`. The explicit-state steps behind them are
+  `encode_chunk(x, state) -> (z, aux, state)` and `decode_chunk(z, state, use_overlap) ->
+  (video, state)` (state None for the first chunk), for streaming a video of any length with one
+  compiled step (`vidtok_jax.streaming`).
   """
 
   config: Any
@@ -86,7 +95,7 @@ class VidTok(nn.Module):
 
   # -- input checks (static shapes only, so they run once per trace) --------------------------
 
-  def _check_video(self, x):
+  def _check_video(self, x, warn: bool = True):
     s = self.config
     x = jnp.asarray(x)
     if x.ndim == 4 and s.causal:
@@ -110,7 +119,7 @@ class VidTok(nn.Module):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"expected float pixels in [-1, 1], got dtype {x.dtype}")
     _, t_out = output_frames(s, t)
-    if t_out != t:
+    if warn and t_out != t:
       log.warning("%s: %d input frames give %d output frames (%s)", s.name, t, t_out,
                   "use 1 + %dk frames" % s.time_downsample_factor if s.causal else
                   "use a multiple of %d frames" % s.time_downsample_factor)
@@ -143,35 +152,129 @@ class VidTok(nn.Module):
 
   # -- the engine -----------------------------------------------------------------------------
 
-  def encode(self, x, sample: bool = False, step=0, compute_aux: bool = True):
+  def _regularize(self, h, sample, step, compute_aux):
+    if self.is_fsq:
+      return self.regularization(h, step, compute_aux)
+    return self.regularization(h, sample)
+
+  def encode(self, x, sample: bool = False, step=0, compute_aux: bool = True,
+             t_chunk_enc: Optional[int] = None):
     """`x (B, T, H, W, 3) -> (z (B, T', H', W', z_channels), aux)`.
 
     KL: z = posterior mean (or a sample with `sample=True` and a "sample" rng);
     aux = {mean, logvar, kl_loss}. FSQ: z = quantised codes; aux = {indices (B, T', H', W')
     int32, aux_loss, per_sample_entropy, codebook_entropy, commit_loss} with the entropy weight
     annealed to `step` (training iteration); `compute_aux=False` keeps only the indices.
+
+    `t_chunk_enc` (causal models, a multiple of the time factor f): the official tiled encode,
+    frame 0 alone then chunks of `t_chunk_enc` frames with the caches carried; a final chunk
+    whose length is not a multiple of f is front-padded with copies of its own first frame
+    (v1.1; v1.0 needs T = 1 + f*k). Losses are the mean over chunks, as officially.
     """
-    h = self.encoder(self._check_video(x).astype(jnp.dtype(self.config.dtype)))
-    if self.is_fsq:
-      return self.regularization(h, step, compute_aux)
-    return self.regularization(h, sample)
+    if t_chunk_enc is None:
+      h = self.encoder(self._check_video(x).astype(jnp.dtype(self.config.dtype)))
+      return self._regularize(h, sample, step, compute_aux)
+    check_chunk(self.config, t_chunk_enc, "t_chunk_enc")
+    x = self._check_video(x, warn=False)
+    f = self.config.time_downsample_factor
+    if self.config.version == "v1.0" and (x.shape[1] - 1) % f:
+      raise ValueError(f"chunked v1.0 encoding needs 1 + {f}k frames, got {x.shape[1]} (pad the "
+                       f"end with vidtok_jax.streaming.pad_frames)")
+    model, variables = self.clone(parent=None), self.variables
 
-  def decode(self, z):
-    """`z (B, T', H', W', z_channels) -> video (B, T_out, H, W, 3)`, unclamped."""
-    return self.decoder(self._check_latent(z).astype(jnp.dtype(self.config.dtype)))
+    def step_fn(xc, state, key, kind):
+      del kind
+      rngs = None if key is None else {"sample": key}
+      z, aux, state = model.apply(variables, xc, state, sample, step, compute_aux, rngs=rngs,
+                                  method=VidTok.encode_chunk)
+      seq = {"z": z, **{k: v for k, v in aux.items() if jnp.ndim(v) >= 2}}
+      return seq, {k: v for k, v in aux.items() if jnp.ndim(v) < 2}, state
 
-  def decode_indices(self, indices):
-    """FSQ token indices `(B, T', H', W')` -> video, via the implicit codebook."""
+    keys_fn = None
+    if sample and not self.is_fsq:
+      keys_fn = lambda n: list(jax.random.split(self.make_rng("sample"), n))  # noqa: E731
+    seq, scalars, _ = tiled_encode(step_fn, x, t_chunk_enc, keys_fn)
+    z = seq.pop("z")
+    return z, {**seq, **scalars}
+
+  def encode_chunk(self, x, state=None, sample: bool = False, step=0, compute_aux: bool = True):
+    """One chunk of streaming encoding: `(z, aux, state)`. `state` is the previous chunk's (None
+    for the first chunk: frame 0 alone in the official schedule). The chunk is padded as a clip
+    (copies of its own first frame in front when its length is not a multiple of f)."""
+    if not self.config.causal:
+      raise ValueError(f"streaming needs a causal model; {self.config.name} is non-causal")
+    x = self._check_video(x, warn=False)
+    h, state = self.encoder(x.astype(jnp.dtype(self.config.dtype)), state, True)
+    z, aux = self._regularize(h, sample, step, compute_aux)
+    return z, aux, state
+
+  def decode_chunk(self, z, state=None, use_overlap: bool = False, indices: bool = False):
+    """One chunk of streaming decoding: `(video, state)`. With `use_overlap`, the last latent of
+    `z` is the next chunk's first (look-ahead) latent: the caches leave it out and its f frames
+    are dropped from the output (official v1.1 `use_overlap`). `indices=True`: `z` holds FSQ
+    token indices `(B, t, h, w)`."""
+    if not self.config.causal:
+      raise ValueError(f"streaming needs a causal model; {self.config.name} is non-causal")
+    if indices:
+      z = self.regularization.indices_to_codes(self._check_indices(z))
+    z = self._check_latent(z).astype(jnp.dtype(self.config.dtype))
+    if use_overlap and z.shape[1] < 2:
+      raise ValueError("use_overlap needs a chunk of at least 2 latents (the last is look-ahead)")
+    y, state = self.decoder(z, state, True, overlap=use_overlap)
+    if use_overlap:
+      y = y[:, : y.shape[1] - self.config.time_downsample_factor]
+    return y, state
+
+  def _tiled_decode(self, z, t_chunk_dec, use_overlap, indices=False):
+    check_chunk(self.config, t_chunk_dec, "t_chunk_dec")
+    model, variables = self.clone(parent=None), self.variables
+
+    def step_fn(zc, state, overlap):
+      y, state = model.apply(variables, zc, state, overlap, indices, method=VidTok.decode_chunk)
+      return y, state
+
+    return tiled_decode(step_fn, z, t_chunk_dec, use_overlap)
+
+  def decode(self, z, t_chunk_dec: Optional[int] = None, use_overlap: bool = False):
+    """`z (B, T', H', W', z_channels) -> video (B, T_out, H, W, 3)`, unclamped.
+
+    `t_chunk_dec` (causal models): the official tiled decode, latent 0 alone then chunks of
+    `t_chunk_dec` latents; `use_overlap` feeds each chunk but the last the next latent too."""
+    z = self._check_latent(z)
+    if t_chunk_dec is None:
+      if use_overlap:
+        raise ValueError("use_overlap applies to tiled decoding: also give t_chunk_dec")
+      return self.decoder(z.astype(jnp.dtype(self.config.dtype)))
+    return self._tiled_decode(z, t_chunk_dec, use_overlap)
+
+  def decode_indices(self, indices, t_chunk_dec: Optional[int] = None, use_overlap: bool = False):
+    """FSQ token indices `(B, T', H', W')` -> video, via the implicit codebook (tiled as
+    `decode` when `t_chunk_dec` is given)."""
     indices = self._check_indices(indices)
+    if t_chunk_dec is not None:
+      return self._tiled_decode(indices, t_chunk_dec, use_overlap, indices=True)
+    if use_overlap:
+      raise ValueError("use_overlap applies to tiled decoding: also give t_chunk_dec")
     codes = self.regularization.indices_to_codes(indices)
     return self.decoder(codes.astype(jnp.dtype(self.config.dtype)))
 
-  def __call__(self, x, sample: bool = False, step=0, compute_aux: bool = True):
-    """The official forward: `(z, reconstruction, aux)`; v1.1 keeps the last T frames."""
+  def __call__(self, x, sample: bool = False, step=0, compute_aux: bool = True,
+               t_chunk_enc: Optional[int] = None, t_chunk_dec: Optional[int] = None,
+               use_overlap: bool = False):
+    """The official forward: `(z, reconstruction, aux)`; v1.1 keeps the last T frames.
+
+    `t_chunk_enc` turns on the official tiling (`use_tiling`): chunked encoding and chunked
+    decoding with `t_chunk_dec` (default `t_chunk_enc // f`) and `use_overlap`."""
+    if t_chunk_enc is None and (t_chunk_dec is not None or use_overlap):
+      raise ValueError("t_chunk_dec / use_overlap apply to tiling: also give t_chunk_enc")
     image = jnp.ndim(x) == 4
     video = self._check_video(x)
-    z, aux = self.encode(video, sample, step, compute_aux)
-    y = self.decoder(z.astype(jnp.dtype(self.config.dtype)))
+    z, aux = self.encode(video, sample, step, compute_aux, t_chunk_enc=t_chunk_enc)
+    if t_chunk_enc is not None:
+      t_chunk_dec = t_chunk_dec or t_chunk_enc // self.config.time_downsample_factor
+      y = self._tiled_decode(z, t_chunk_dec, use_overlap)
+    else:
+      y = self.decoder(z.astype(jnp.dtype(self.config.dtype)))
     if self.config.causal and self.config.version == "v1.1":
       y = y[:, y.shape[1] - video.shape[1]:]
     return z, (y[:, 0] if image else y), aux

@@ -12,9 +12,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vidtok_jax.models.layers import CausalConv, Conv, at_least_f32, normalize
+from vidtok_jax.models.layers import Cache, CausalConv, Conv, at_least_f32, normalize
 
 Dtype = Any
+
+
+def streamed(mod, cache, new: dict, name: str, return_cache: bool, cache_offset=None):
+  """`h -> mod(h)` that reads `cache[name]` and, when `return_cache`, stores the new one in
+  `new[name]`: how every container threads the per-module caches of streaming inference."""
+
+  def apply(h):
+    if isinstance(mod, Conv):  # a non-causal conv has nothing to carry
+      return mod(h)
+    c = None if cache is None else cache[name]
+    # Always positional: a rematerialised block marks (return_cache, cache_offset) static.
+    out = mod(h, c, return_cache, cache_offset)
+    if not return_cache:
+      return out
+    y, new[name] = out
+    return y
+
+  return apply
 
 
 def residual_branch(block: nn.Module, x, stats: str, conv):
@@ -67,20 +85,25 @@ class TemporalBlock(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
+    """Streaming (causal): `cache` holds the convs' caches; `return_cache` also returns them."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     stats = "position" if self.causal else "pixel"
+    new = {}
 
     def conv(name):
       zero_init = name == "conv2"  # the block starts as the identity
       if self.causal:
-        return CausalConv(self.features, (3, 1, 1), version=self.version, zero_init=zero_init,
-                          name=name, **kw)
+        return streamed(CausalConv(self.features, (3, 1, 1), version=self.version,
+                                   zero_init=zero_init, name=name, **kw),
+                        cache, new, name, return_cache, cache_offset)
       return Conv(self.features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), zero_init=zero_init,
                   name=name, **kw)
 
     h = residual_branch(self, x, stats, conv)
-    return x.astype(h.dtype) + h
+    y = x.astype(h.dtype) + h
+    return (y, new) if return_cache else y
 
 
 class ResnetBlock3D(nn.Module):
@@ -95,17 +118,21 @@ class ResnetBlock3D(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     stats = "frame" if self.causal else "clip"
+    new = {}
 
     def conv(name):
       if self.causal:
-        return CausalConv(self.features, (3, 3, 3), version=self.version, name=name, **kw)
+        return streamed(CausalConv(self.features, (3, 3, 3), version=self.version, name=name, **kw),
+                        cache, new, name, return_cache, cache_offset)
       return Conv(self.features, (3, 3, 3), padding=((1, 1),) * 3, name=name, **kw)
 
     h = residual_branch(self, x, stats, conv)
-    return x.astype(h.dtype) + h
+    y = x.astype(h.dtype) + h
+    return (y, new) if return_cache else y
 
 
 class AttnBlock(nn.Module):

@@ -10,8 +10,9 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vidtok_jax.models.blocks import streamed
 from vidtok_jax.models.encoder import Mid, SpatialLevel, TemporalLevel, conv3
-from vidtok_jax.models.layers import normalize
+from vidtok_jax.models.layers import Cache, normalize
 
 Dtype = Any
 
@@ -59,16 +60,29 @@ class Decoder(nn.Module):
                               self.param_dtype)
     self.conv_out = conv3(self.out_ch, self.causal, self.version, None, **kw)
 
-  def __call__(self, z):
-    h = self.mid(self.conv_in(z))
+  def __call__(self, z, cache: Optional[Cache] = None, return_cache: bool = False,
+               overlap: bool = False):
+    """Streaming (causal): as `Encoder`. `overlap=True` marks the last latent of `z` as the
+    look-ahead latent of v1.1 tiled decoding: every cache then leaves out the frames that latent
+    occupies at its module's frame rate (the official cache offsets 1/2/4/8, SPEC 6.2)."""
+    new = {}
+    rate = 1  # output frames per latent at the current depth
+
+    def run(mod, name, h, frames_per_latent):
+      offset = frames_per_latent if overlap else 0
+      return streamed(mod, cache, new, name, return_cache, offset)(h)
+
+    h = run(self.mid, "mid", run(self.conv_in, "conv_in", z, rate), rate)
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
-        h = self.up_temporal[i].block[j](self.up[i].block[j](h))
+        h = run(self.up_temporal[i].block[j], f"up_temporal.{i}.block.{j}",
+                self.up[i].block[j](h), rate)
       if i in self.spatial_us:
         h = self.up[i].upsample(h)
         if i in self.tempo_us:
-          h = self.up_temporal[i].upsample(h)
-    h = self.conv_out(nn.silu(self.norm_out(h)))
-    if self.causal and self.version == "v1.0":
-      h = h[:, self.time_downsample_factor - 1:]
-    return h
+          rate *= 2  # the upsampler's conv already runs at the doubled rate
+          h = run(self.up_temporal[i].upsample, f"up_temporal.{i}.upsample", h, rate)
+    h = run(self.conv_out, "conv_out", nn.silu(self.norm_out(h)), rate)
+    if self.causal and self.version == "v1.0" and cache is None:
+      h = h[:, self.time_downsample_factor - 1:]  # only the first chunk holds the padding frames
+    return (h, new) if return_cache else h

@@ -11,9 +11,24 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vidtok_jax.models.blocks import AttnBlock, ResnetBlock2D, ResnetBlock3D, TemporalBlock
-from vidtok_jax.models.layers import (CausalConv, Conv, Downsample, TimeDownsample, TimeUpsample,
-                                      Upsample, time_pad_front, normalize)
+from vidtok_jax.models.blocks import (
+  AttnBlock,
+  ResnetBlock2D,
+  ResnetBlock3D,
+  TemporalBlock,
+  streamed,
+)
+from vidtok_jax.models.layers import (
+  Cache,
+  CausalConv,
+  Conv,
+  Downsample,
+  TimeDownsample,
+  TimeUpsample,
+  Upsample,
+  normalize,
+  time_pad_front,
+)
 
 Dtype = Any
 
@@ -27,8 +42,8 @@ def conv3(features, causal, version, name, **kw):
 
 def block_classes(remat: bool):
   """The 2-D and temporal block classes, rematerialised per block when asked to save memory."""
-  if remat:
-    return nn.remat(ResnetBlock2D), nn.remat(TemporalBlock)
+  if remat:  # (cache, return_cache, cache_offset) of the streaming call are static
+    return nn.remat(ResnetBlock2D), nn.remat(TemporalBlock, static_argnums=(3, 4))
   return ResnetBlock2D, TemporalBlock
 
 
@@ -44,12 +59,20 @@ class Mid(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
     kw = dict(causal=self.causal, norm_type=self.norm_type, dtype=self.dtype,
               param_dtype=self.param_dtype, precision=self.precision)
-    h = ResnetBlock3D(self.features, version=self.version, name="block_1", **kw)(h)
-    h = AttnBlock(name="attn_1", **kw)(h)
-    return ResnetBlock3D(self.features, version=self.version, name="block_2", **kw)(h)
+    new = {}
+
+    def block(name):
+      mod = ResnetBlock3D(self.features, version=self.version, name=name, **kw)
+      return streamed(mod, cache, new, name, return_cache, cache_offset)
+
+    h = block("block_1")(h)
+    h = AttnBlock(name="attn_1", **kw)(h)  # per frame: nothing to carry
+    h = block("block_2")(h)
+    return (h, new) if return_cache else h
 
 
 class SpatialLevel(nn.Module):
@@ -156,15 +179,23 @@ class Encoder(nn.Module):
     n = f - 1 if self.version == "v1.0" else f - t % f
     return time_pad_front(x, n, "replicate" if self.init_pad_mode == "replicate" else "constant")
 
-  def __call__(self, x):
-    h = self.conv_in(self.pad_frames(x))
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+    """Streaming (causal): `cache` is the previous chunk's returned cache (None: first chunk);
+    with `return_cache` the call returns `(h, cache)`. Each chunk gets its own frame padding."""
+    new = {}
+
+    def run(mod, name, h):
+      return streamed(mod, cache, new, name, return_cache)(h)
+
+    h = run(self.conv_in, "conv_in", self.pad_frames(x))
     for i in range(len(self.ch_mult)):
       for j in range(self.num_res_blocks):
-        h = self.down_temporal[i].block[j](self.down[i].block[j](h))
+        h = run(self.down_temporal[i].block[j], f"down_temporal.{i}.block.{j}",
+                self.down[i].block[j](h))
       if i in self.spatial_ds:
         h = self.down[i].downsample(h)
         if i in self.tempo_ds:
-          h = self.down_temporal[i].downsample(h)
-    h = self.mid(h)
-    return self.conv_out(nn.silu(self.norm_out(h)))
-
+          h = run(self.down_temporal[i].downsample, f"down_temporal.{i}.downsample", h)
+    h = run(self.mid, "mid", h)
+    h = run(self.conv_out, "conv_out", nn.silu(self.norm_out(h)))
+    return (h, new) if return_cache else h

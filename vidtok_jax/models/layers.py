@@ -98,9 +98,12 @@ class CausalConv(nn.Module):
   * v1.0: `pad_mode="constant"` zero-pads every axis; `pad_mode="replicate"` replicate-pads every
     axis, falling back to zeros on all axes when `pt >= T` (as the official code does).
   * v1.1: time is always padded with copies of frame 0 (first chunk) or with the last `pt` frames
-    of `cache` (later chunks); space uses `pad_mode`. With `return_cache=True` the call also
-    returns the new cache: the last `pt` frames of the time-padded input once its last
-    `cache_offset` frames are dropped.
+    of `cache` (later chunks); space uses `pad_mode`.
+
+  Streaming (both versions): with `return_cache=True` the call also returns the new cache, the
+  last `pt` frames of the time-padded input once its last `cache_offset` frames (the overlap
+  frames of v1.1 tiled decoding; a call argument overrides the attribute) are dropped. A v1.0
+  conv given a cache continues its zero-padded whole-clip computation exactly.
   """
 
   features: int
@@ -119,7 +122,8 @@ class CausalConv(nn.Module):
     return (self.kernel_size[0] - 1) + (1 - self.strides[0])
 
   @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
     kt, kh, kw = self.kernel_size
     _, sh, sw = self.strides
     pt = self.time_pad
@@ -127,14 +131,14 @@ class CausalConv(nn.Module):
       # v1.0 derives the width pad from the height kernel (identical for square kernels).
       hpad, wpad = _spatial_pads(kh, kh, sh, sw)
       mode = self.pad_mode if (self.pad_mode == "constant" or pt < x.shape[1]) else "constant"
-      padded = time_pad_front(x, pt, mode)
+      first_mode = mode
     else:
       hpad, wpad = _spatial_pads(kh, kw, sh, sw)
-      mode = self.pad_mode
-      if cache is None:
-        padded = time_pad_front(x, pt, "replicate")
-      else:
-        padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1) if pt else x
+      mode, first_mode = self.pad_mode, "replicate"
+    if cache is None:
+      padded = time_pad_front(x, pt, first_mode)
+    else:
+      padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1) if pt else x
     if hpad != (0, 0) or wpad != (0, 0):
       pads = ((0, 0), (0, 0), hpad, wpad, (0, 0))
       padded = jnp.pad(padded, pads, mode="edge" if mode == "replicate" else "constant")
@@ -143,8 +147,12 @@ class CausalConv(nn.Module):
              precision=self.precision, name="conv")(padded)
     if not return_cache:
       return y
-    kept = padded[:, : padded.shape[1] - self.cache_offset]
+    offset = self.cache_offset if cache_offset is None else cache_offset
+    kept = padded[:, : padded.shape[1] - offset]
     kept = kept[:, :, hpad[0]: kept.shape[2] - hpad[1], wpad[0]: kept.shape[3] - wpad[1]]
+    if kept.shape[1] < pt:
+      raise ValueError(f"a chunk of {x.shape[1]} frames is too short to leave a cache of {pt} "
+                       f"frames after dropping {offset} overlap frames")
     return y, kept[:, kept.shape[1] - pt:]
 
 
@@ -269,8 +277,8 @@ class TimeDownsample(nn.Module):
   """2x temporal downsample `T -> floor(T / 2)` (T >= 2): AlphaBlender of avg-pool and conv.
 
   causal v1.0: pool over [zero frame, x]; conv = v1.0 CausalConv3d k3 stride (2,1,1).
-  causal v1.1: pool over [frame 0 (or the cached last frame of the previous chunk), x]; conv =
-  v1.1 CausalConv3d. non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
+  causal v1.1: pool over [frame 0, x]; conv = v1.1 CausalConv3d. Streaming (both causal
+  versions): the pool's front frame is the cached last frame of the previous chunk. non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
   """
 
   features: int
@@ -281,7 +289,9 @@ class TimeDownsample(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
+    del cache_offset  # encoder modules keep their whole input as context
     if x.shape[1] < 2:
       raise ValueError(f"temporal downsampling needs at least 2 frames, got {x.shape[1]}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
@@ -292,10 +302,10 @@ class TimeDownsample(nn.Module):
       return _blend(self, _avg_pool_time(padded), conv)
     conv_mod = CausalConv(self.features, (3, 3, 3), (2, 1, 1), version=self.version, name="conv",
                           **kw)
-    if self.version == "v1.0":
-      pooled = _avg_pool_time(time_pad_front(x, 1, "constant"))
-      return _blend(self, pooled, conv_mod(x))
-    front = x[:, :1] if cache is None else cache["pool"].astype(x.dtype)
+    if cache is not None:
+      front = cache["pool"].astype(x.dtype)
+    else:  # v1.0 pools over a zero frame, v1.1 over a copy of frame 0
+      front = jnp.zeros_like(x[:, :1]) if self.version == "v1.0" else x[:, :1]
     pooled = _avg_pool_time(jnp.concatenate([front, x], axis=1))
     if not return_cache:
       return _blend(self, pooled, conv_mod(x, None if cache is None else cache["conv"]))
@@ -338,7 +348,7 @@ class TimeUpsample(nn.Module):
 
   def _interpolate(self, x, cache):
     """Returns the interpolated frames and the interpolation cache (None for nearest)."""
-    if self.interpolation_mode == "nearest":
+    if self.interpolation_mode == "nearest" or self.version == "v1.0":
       return nearest_time_2x(x), None
     if self.interpolation_mode != "trilinear":
       raise ValueError(f"interpolation_mode must be 'nearest' or 'trilinear', "
@@ -352,7 +362,8 @@ class TimeUpsample(nn.Module):
     return trilinear_time_2x(cat)[:, 2 * m:], cat[:, cat.shape[1] - 2 * m: cat.shape[1] - m]
 
   @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False):
+  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
+               cache_offset: Optional[int] = None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     if not self.causal:
       up = nearest_time_2x(x)
@@ -360,12 +371,9 @@ class TimeUpsample(nn.Module):
                                    **kw)(up))
     conv_mod = CausalConv(self.features, (3, 3, 3), version=self.version,
                           cache_offset=self.cache_offset, name="conv", **kw)
-    if self.version == "v1.0":
-      up = nearest_time_2x(x)
-      return _blend(self, up, conv_mod(up))
     up, interp_cache = self._interpolate(x, None if cache is None else cache["interp"])
     conv_cache_in = None if cache is None else cache["conv"]
     if not return_cache:
       return _blend(self, up, conv_mod(up, conv_cache_in))
-    conv, conv_cache = conv_mod(up, conv_cache_in, return_cache=True)
+    conv, conv_cache = conv_mod(up, conv_cache_in, return_cache=True, cache_offset=cache_offset)
     return _blend(self, up, conv), {"interp": interp_cache, "conv": conv_cache}

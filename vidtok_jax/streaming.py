@@ -1,0 +1,346 @@
+"""Whole videos of any length and size through a VidTok model, in bounded memory.
+
+    codec = Streamer(config, params)                  # t_chunk_enc=16, use_overlap=True
+    z, aux = codec.encode(video)                      # (B, T, H, W, 3) in [-1, 1], host numpy
+    recon = codec.decode(z, num_frames=video.shape[1])
+    recon = codec.reconstruct(video)                  # same frame count as `video`
+
+Causal models stream: frame 0 alone, then chunks of `t_chunk_enc` frames through one jitted
+chunk step that carries the per-module caches (`VidTok.encode_chunk` / `decode_chunk`); the
+decoder runs latent 0 alone, then chunks of `t_chunk_enc // f` latents, each (with
+`use_overlap`) with one look-ahead latent. This is the official v1.1 tiled inference (SPEC 6.2),
+so the results equal `model.apply(..., t_chunk_enc=...)`; only one chunk is on the device at a
+time, so device memory does not grow with the video's length, and a video of any length
+compiles at most three programs per direction (first, steady and last chunk).
+
+Exact or not (SPEC 6.3): v1.0 models stream exactly (equal to whole-clip processing); v1.1
+encoding is exact for 1 + t_chunk_enc*k frames; v1.1 decoding is exact for nearest temporal
+upsampling and for 2x models with overlap, and differs slightly (~1e-3) for 4x/8x trilinear models
+with overlap, as the official tiling does. Non-causal models cannot stream: they run in
+independent windows of `window` frames (a multiple of 4).
+
+Frame-count rule (`reconstruct`, any T >= 1): the video is padded at the END with copies of its
+last frame to the nearest length the model round-trips (v1.0 causal: 1 + f*k; non-causal: a
+multiple of the window), reconstructed, and the padding trimmed; v1.1 pads inside the encoder (in
+front of the short chunk) and keeps the last T frames, as the official forward does. The output
+always has exactly T frames.
+
+Large frames: `tile=(th, tw)` encodes and decodes overlapping spatial tiles (each streamed over
+time on its own) and blends them with linear ramps over `tile_overlap` pixels (FSQ latents are
+not blended but taken from the tile whose centre is nearest, so tokens stay valid). `mesh`
+shards each chunk's height over the mesh's devices instead (XLA exchanges the conv halos), which
+is exact.
+"""
+
+import logging
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidtok_jax.config import ModelSpec
+from vidtok_jax.models.autoencoder import VidTok
+
+log = logging.getLogger("vidtok_jax.streaming")
+
+
+def valid_length(spec: ModelSpec, t: int, window: int = 16) -> int:
+  """The frame count `reconstruct` pads a `t`-frame video to (see the module docstring)."""
+  f = spec.time_downsample_factor
+  if not spec.causal:
+    return -(-max(t, 1) // window) * window
+  if spec.version == "v1.0":
+    return 1 + f * (-(-(t - 1) // f))
+  return t
+
+
+def pad_frames(video, t_target: int):
+  """Appends copies of the last frame (axis 1) up to `t_target` frames."""
+  t = video.shape[1]
+  if t_target <= t:
+    return video
+  return np.concatenate([video, np.repeat(video[:, -1:], t_target - t, axis=1)], axis=1)
+
+
+def _tile_starts(n: int, tile: int, overlap: int, unit: int) -> list[int]:
+  """Starts of tiles of `tile` covering `[0, n)` with at least `overlap` shared, on `unit`."""
+  if tile >= n:
+    return [0]
+  stride = tile - overlap
+  count = -(-(n - overlap) // stride)
+  starts = [min(i * stride, n - tile) for i in range(count)]
+  return sorted({s // unit * unit for s in starts})
+
+
+def blend_weights(n: int, starts: Sequence[int], tile: int, ramp: int, hard: bool = False):
+  """Per-tile 1-D weights over `[0, n)` summing to 1: linear ramps across each overlap (or, with
+  `hard`, each position wholly to the tile whose centre is nearest)."""
+  starts = np.asarray(starts)
+  pos = np.arange(n)[None]
+  inside = (pos >= starts[:, None]) & (pos < starts[:, None] + tile)
+  if hard:
+    dist = np.where(inside, np.abs(pos + 0.5 - (starts[:, None] + tile / 2)), np.inf)
+    return (np.argmin(dist, axis=0)[None] == np.arange(len(starts))[:, None]).astype(np.float64)
+  r = max(ramp, 1)
+  up = np.where(starts[:, None] > 0, np.clip((pos - starts[:, None] + 0.5) / r, 0, 1), 1.0)
+  down = np.where(starts[:, None] + tile < n,
+                  np.clip((starts[:, None] + tile - pos - 0.5) / r, 0, 1), 1.0)
+  w = np.where(inside, np.minimum(up, down), 0.0)
+  return w / w.sum(0, keepdims=True)
+
+
+class Streamer:
+  """Encode / decode / reconstruct host videos of any length chunk by chunk (see module doc).
+
+  Args:
+    config: a model ConfigDict (`vidtok_jax.load_config`) or `ModelSpec`.
+    params: the VidTok params.
+    t_chunk_enc: frames per encoder chunk (a multiple of f; official 16); decoder chunks are
+      `t_chunk_enc // f` latents.
+    use_overlap: feed each decoder chunk one look-ahead latent (official long-video recipe).
+    window: frames per independent window of a non-causal model (a multiple of 4).
+    tile: `(th, tw)` pixel tile for spatial tiling (multiples of the spatial factor), None: off.
+    tile_overlap: pixels shared by neighbouring tiles (a multiple of the spatial factor).
+    mesh: a `jax.sharding.Mesh` with one axis: shards each chunk's height over its devices.
+    sample: KL models sample the latent (seeded per chunk from `seed`) as the official
+      forward does; default the posterior mode.
+  """
+
+  def __init__(self, config, params, *, t_chunk_enc: int = 16, use_overlap: bool = True,
+               window: int = 16, tile: Optional[Sequence[int]] = None, tile_overlap: int = 64,
+               mesh=None, sample: bool = False, seed: int = 42):
+    self.model = VidTok(config)
+    spec = self.spec = self.model.config
+    f, sf = spec.time_downsample_factor, spec.spatial_factor
+    if spec.causal and (t_chunk_enc < f or t_chunk_enc % f):
+      raise ValueError(f"t_chunk_enc must be a positive multiple of the time factor {f}, got "
+                       f"{t_chunk_enc}")
+    if not spec.causal and (window < f or window % f):
+      raise ValueError(f"window must be a positive multiple of {f} for {spec.name}, got {window}")
+    if tile is not None:
+      tile = tuple(int(v) for v in tile)
+      if len(tile) != 2 or any(v < sf or v % sf for v in tile):
+        raise ValueError(f"tile must be (height, width), positive multiples of the spatial factor "
+                         f"{sf}, got {tile}")
+      if tile_overlap < 0 or tile_overlap % sf or tile_overlap >= min(tile):
+        raise ValueError(f"tile_overlap must be a multiple of {sf} smaller than the tile, got "
+                         f"{tile_overlap}")
+    self.t_chunk_enc, self.t_chunk_dec = t_chunk_enc, max(t_chunk_enc // f, 1)
+    self.use_overlap, self.window = use_overlap, window
+    self.tile, self.tile_overlap = tile, tile_overlap
+    self.sample = bool(sample) and spec.regularizer == "kl"
+    self.seed = seed
+    self.mesh = mesh
+    if mesh is not None:
+      if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must have one axis (height is sharded over it), got "
+                         f"{mesh.axis_names}")
+      params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
+                                                                 jax.sharding.PartitionSpec()))
+    self.variables = {"params": params}
+    model = self.model
+    # State is donated: a chunk's caches are dead once the next chunk's are computed.
+    self._enc = jax.jit(
+        lambda v, x, st, key: model.apply(v, x, st, self.sample, 0, False,
+                                          rngs={"sample": key}, method=VidTok.encode_chunk),
+        donate_argnums=(2,))
+    self._dec = jax.jit(
+        lambda v, z, st, ov, idx: _clip(model.apply(v, z, st, ov, idx,
+                                                    method=VidTok.decode_chunk)),
+        static_argnums=(3, 4), donate_argnums=(2,))
+    self._enc_window = jax.jit(lambda v, x: model.apply(v, x, compute_aux=False,
+                                                        method=VidTok.encode))
+    self._dec_window = jax.jit(
+        lambda v, z, idx: jnp.clip(model.apply(
+            v, z, method=VidTok.decode_indices if idx else VidTok.decode), -1.0, 1.0),
+        static_argnums=(2,))
+
+  # -- device placement ---------------------------------------------------------------------
+
+  def _put(self, x):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    axis = self.mesh.axis_names[0]
+    # Heights the mesh does not divide (small latents) are replicated instead of sharded.
+    split = x.shape[2] % self.mesh.shape[axis] == 0
+    spec = jax.sharding.PartitionSpec(None, None, axis if split else None)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+  # -- one spatial tile -----------------------------------------------------------------------
+
+  def _encode_stream(self, x, bar):
+    """Causal: `(z, indices or None)` of host video `x` (B, T, h, w, 3), chunk by chunk."""
+    t, c = x.shape[1], self.t_chunk_enc
+    bounds = [(0, 1)] + [(s, min(t, s + c)) for s in range(1, t, c)]
+    zs, idx, state = [], [], None
+    key = jax.random.key(self.seed)
+    for k, (s, e) in enumerate(bounds):
+      z, aux, state = self._enc(self.variables, self._put(x[:, s:e]), state,
+                                jax.random.fold_in(key, k))
+      zs.append(np.asarray(z))
+      if "indices" in aux:
+        idx.append(np.asarray(aux["indices"]))
+      bar.update(e - s)
+    return np.concatenate(zs, 1), (np.concatenate(idx, 1) if idx else None)
+
+  def _decode_stream(self, z, indices, bar):
+    """Causal: decoded frames in [-1, 1] of latents (or FSQ indices) `z`, chunk by chunk."""
+    src = z if indices is None else indices
+    t, c, f = src.shape[1], self.t_chunk_dec, self.spec.time_downsample_factor
+    sf = self.spec.spatial_factor
+    # Written in place: a list of chunks plus their concatenation would hold the video twice.
+    out = np.empty((src.shape[0], f * t, src.shape[2] * sf, src.shape[3] * sf,
+                    self.spec.out_ch), np.float32)
+    pos, state = 0, None
+    for s, e in [(0, 1)] + [(s, min(t, s + c)) for s in range(1, t, c)]:
+      overlap = self.use_overlap and e + 1 <= t
+      zc = src[:, s: e + 1 if overlap else e]
+      y, state = self._dec(self.variables, self._put(zc), state, overlap, indices is not None)
+      out[:, pos: pos + y.shape[1]] = np.asarray(y)
+      pos += y.shape[1]
+      bar.update((e - s) * f)
+    return out[:, :pos]
+
+  def _encode_windows(self, x, bar):
+    zs, idx = [], []
+    for s in range(0, x.shape[1], self.window):
+      z, aux = self._enc_window(self.variables, self._put(x[:, s: s + self.window]))
+      zs.append(np.asarray(z))
+      if "indices" in aux:
+        idx.append(np.asarray(aux["indices"]))
+      bar.update(min(self.window, x.shape[1] - s))
+    return np.concatenate(zs, 1), (np.concatenate(idx, 1) if idx else None)
+
+  def _decode_windows(self, z, indices, bar):
+    src = z if indices is None else indices
+    per = self.window // self.spec.time_downsample_factor
+    outs = []
+    for s in range(0, src.shape[1], per):
+      y = self._dec_window(self.variables, self._put(src[:, s: s + per]), indices is not None)
+      outs.append(np.asarray(y))
+      bar.update(y.shape[1])
+    return np.concatenate(outs, 1)
+
+  # -- public API -----------------------------------------------------------------------------
+
+  def _check(self, video):
+    video = np.asarray(video)
+    if video.ndim == 4:
+      video = video[None]
+    s = self.spec
+    if video.ndim != 5 or video.shape[-1] != s.in_channels:
+      raise ValueError(f"expected a video (B, T, H, W, {s.in_channels}) or (T, H, W, "
+                       f"{s.in_channels}) in [-1, 1], got shape {video.shape}")
+    if video.shape[2] % s.spatial_factor or video.shape[3] % s.spatial_factor:
+      raise ValueError(f"H and W must be divisible by the spatial factor {s.spatial_factor}, got "
+                       f"{video.shape[2]}x{video.shape[3]}")
+    if min(video.shape[:2]) < 1:
+      raise ValueError(f"empty video batch of shape {video.shape}")
+    if not np.issubdtype(video.dtype, np.floating):
+      raise ValueError(f"expected float pixels in [-1, 1], got dtype {video.dtype}")
+    return video.astype(np.float32, copy=False)  # no copy of a float32 video
+
+  def _bar(self, total, desc, progress):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=not progress, leave=False)
+
+  def _spatial(self, n_h, n_w, unit):
+    """Tile starts per axis, in units of `unit` pixels (1: pixels, s: latents)."""
+    if self.tile is None:
+      return [0], [0], n_h, n_w, 0
+    th, tw = self.tile[0] // unit, self.tile[1] // unit
+    o = self.tile_overlap // unit
+    return (_tile_starts(n_h, th, o, 1), _tile_starts(n_w, tw, o, 1), min(th, n_h),
+            min(tw, n_w), o)
+
+  def encode(self, video, progress: bool = False):
+    """`(z (B, T', h, w, C) float32, aux)` of a host video `(B, T, H, W, 3)` in [-1, 1]; FSQ aux
+    has `indices`. Causal models stream; non-causal ones run window by window (T padded at the
+    end to a multiple of `window`)."""
+    video = self._check(video)
+    if not self.spec.causal:
+      video = pad_frames(video, valid_length(self.spec, video.shape[1], self.window))
+    elif self.spec.version == "v1.0":
+      video = pad_frames(video, valid_length(self.spec, video.shape[1]))
+    run = self._encode_stream if self.spec.causal else self._encode_windows
+    sf = self.spec.spatial_factor
+    hs, ws, th, tw, o = self._spatial(video.shape[2], video.shape[3], 1)
+    fsq = self.spec.regularizer == "fsq"
+    with self._bar(video.shape[1] * len(hs) * len(ws), "encode", progress) as bar:
+      if len(hs) * len(ws) == 1:
+        z, idx = run(video, bar)
+      else:
+        wh = blend_weights(video.shape[2] // sf, [h // sf for h in hs], th // sf, o // sf, fsq)
+        ww = blend_weights(video.shape[3] // sf, [w // sf for w in ws], tw // sf, o // sf, fsq)
+        z = idx = None
+        for i, h0 in enumerate(hs):
+          for j, w0 in enumerate(ws):
+            zt, it = run(video[:, :, h0:h0 + th, w0:w0 + tw], bar)
+            if z is None:
+              z = np.zeros(zt.shape[:2] + (video.shape[2] // sf, video.shape[3] // sf,
+                                           zt.shape[-1]), np.float64)
+              idx = None if it is None else np.zeros(z.shape[:4], np.int64)
+            hl, wl = slice(h0 // sf, h0 // sf + zt.shape[2]), slice(w0 // sf, w0 // sf + zt.shape[3])
+            wt = wh[i, hl][:, None] * ww[j, wl][None, :]
+            z[:, :, hl, wl] += zt * wt[None, None, :, :, None]
+            if it is not None:
+              idx[:, :, hl, wl] += it * (wt > 0.5)[None, None].astype(np.int64)
+        z = z.astype(np.float32)
+        idx = None if idx is None else idx.astype(np.int32)
+    return z, ({"indices": idx} if idx is not None else {})
+
+  def decode(self, z, num_frames: Optional[int] = None, indices: bool = False,
+             progress: bool = False):
+    """Frames `(B, T_out, H, W, 3)` float32 in [-1, 1] (clamped) of latents `z`, or of FSQ token
+    indices `(B, T', h, w)` with `indices=True`. `num_frames`: keep that many (v1.1 and the
+    padding rule: the last ones for v1.1, the first ones otherwise)."""
+    z = np.asarray(z)
+    if indices:
+      if self.spec.regularizer != "fsq":
+        raise ValueError("indices=True needs an FSQ model")
+      if z.ndim != 4:
+        raise ValueError(f"expected token indices (B, T', h, w), got shape {z.shape}")
+    elif z.ndim != 5 or z.shape[-1] != self.spec.z_channels:
+      raise ValueError(f"expected latents (B, T', h, w, {self.spec.z_channels}), got shape "
+                       f"{z.shape}")
+    run = self._decode_stream if self.spec.causal else self._decode_windows
+    lat, idx = (None, z) if indices else (z, None)
+    sf, f = self.spec.spatial_factor, self.spec.time_downsample_factor
+    hs, ws, th, tw, o = self._spatial(z.shape[2], z.shape[3], sf)
+    total = z.shape[1] * f * len(hs) * len(ws)
+    with self._bar(total, "decode", progress) as bar:
+      if len(hs) * len(ws) == 1:
+        y = run(lat, idx, bar)
+      else:
+        hp, wp = z.shape[2] * sf, z.shape[3] * sf
+        wh = blend_weights(hp, [h * sf for h in hs], th * sf, o * sf)
+        ww = blend_weights(wp, [w * sf for w in ws], tw * sf, o * sf)
+        y = None
+        for i, h0 in enumerate(hs):
+          for j, w0 in enumerate(ws):
+            part = (slice(None), slice(None), slice(h0, h0 + th), slice(w0, w0 + tw))
+            yt = run(None if lat is None else lat[part], None if idx is None else idx[part], bar)
+            if y is None:
+              y = np.zeros((yt.shape[0], yt.shape[1], hp, wp, yt.shape[-1]), np.float32)
+            hl, wl = slice(h0 * sf, h0 * sf + yt.shape[2]), slice(w0 * sf, w0 * sf + yt.shape[3])
+            wt = (wh[i, hl][:, None] * ww[j, wl][None, :]).astype(np.float32)
+            y[:, :, hl, wl] += yt * wt[None, None, :, :, None]
+    if num_frames is not None and num_frames < y.shape[1]:
+      keep_last = self.spec.causal and self.spec.version == "v1.1"
+      y = y[:, y.shape[1] - num_frames:] if keep_last else y[:, :num_frames]
+    return y
+
+  def reconstruct(self, video, progress: bool = False):
+    """`video` `(B, T, H, W, 3)` in [-1, 1] -> its reconstruction with exactly T frames."""
+    video = self._check(video)
+    z, aux = self.encode(video, progress=progress)
+    return self.decode(z, video.shape[1], progress=progress)
+
+
+def _clip(out):
+  y, state = out
+  return jnp.clip(y, -1.0, 1.0), state
+
+
