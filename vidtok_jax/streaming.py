@@ -41,6 +41,7 @@ import numpy as np
 
 from vidtok_jax.config import ModelSpec
 from vidtok_jax.models.autoencoder import VidTok
+from vidtok_jax.models.tiling import chunk_bounds
 
 log = logging.getLogger("vidtok_jax.streaming")
 
@@ -63,14 +64,13 @@ def pad_frames(video, t_target: int):
   return np.concatenate([video, np.repeat(video[:, -1:], t_target - t, axis=1)], axis=1)
 
 
-def _tile_starts(n: int, tile: int, overlap: int, unit: int) -> list[int]:
-  """Starts of tiles of `tile` covering `[0, n)` with at least `overlap` shared, on `unit`."""
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+  """Starts of tiles of `tile` covering `[0, n)`, neighbours sharing at least `overlap`."""
   if tile >= n:
     return [0]
   stride = tile - overlap
   count = -(-(n - overlap) // stride)
-  starts = [min(i * stride, n - tile) for i in range(count)]
-  return sorted({s // unit * unit for s in starts})
+  return sorted({min(i * stride, n - tile) for i in range(count)})
 
 
 def blend_weights(n: int, starts: Sequence[int], tile: int, ramp: int, hard: bool = False):
@@ -171,11 +171,9 @@ class Streamer:
 
   def _encode_stream(self, x, bar):
     """Causal: `(z, indices or None)` of host video `x` (B, T, h, w, 3), chunk by chunk."""
-    t, c = x.shape[1], self.t_chunk_enc
-    bounds = [(0, 1)] + [(s, min(t, s + c)) for s in range(1, t, c)]
     zs, idx, state = [], [], None
     key = jax.random.key(self.seed)
-    for k, (s, e) in enumerate(bounds):
+    for k, (s, e) in enumerate(chunk_bounds(x.shape[1], self.t_chunk_enc)):
       z, aux, state = self._enc(self.variables, self._put(x[:, s:e]), state,
                                 jax.random.fold_in(key, k))
       zs.append(np.asarray(z))
@@ -193,7 +191,7 @@ class Streamer:
     out = np.empty((src.shape[0], f * t, src.shape[2] * sf, src.shape[3] * sf,
                     self.spec.out_ch), np.float32)
     pos, state = 0, None
-    for s, e in [(0, 1)] + [(s, min(t, s + c)) for s in range(1, t, c)]:
+    for s, e in chunk_bounds(t, c):
       overlap = self.use_overlap and e + 1 <= t
       zc = src[:, s: e + 1 if overlap else e]
       y, state = self._dec(self.variables, self._put(zc), state, overlap, indices is not None)
@@ -252,7 +250,7 @@ class Streamer:
       return [0], [0], n_h, n_w, 0
     th, tw = self.tile[0] // unit, self.tile[1] // unit
     o = self.tile_overlap // unit
-    return (_tile_starts(n_h, th, o, 1), _tile_starts(n_w, tw, o, 1), min(th, n_h),
+    return (_tile_starts(n_h, th, o), _tile_starts(n_w, tw, o), min(th, n_h),
             min(tw, n_w), o)
 
   def encode(self, video, progress: bool = False):

@@ -230,8 +230,7 @@ class VidTok(nn.Module):
     model, variables = self.clone(parent=None), self.variables
 
     def step_fn(zc, state, overlap):
-      y, state = model.apply(variables, zc, state, overlap, indices, method=VidTok.decode_chunk)
-      return y, state
+      return model.apply(variables, zc, state, overlap, indices, method=VidTok.decode_chunk)
 
     return tiled_decode(step_fn, z, t_chunk_dec, use_overlap)
 
