@@ -303,15 +303,26 @@ def test_bfloat16_compute_runs_close_to_float32():
   assert 0 < err < 0.1 * float(jnp.max(jnp.abs(y32)))
 
 
-def test_remat_keeps_params_and_outputs(tiny_v10):
+@pytest.mark.parametrize("remat", ["convs", "blocks", True])
+def test_remat_keeps_params_outputs_and_gradients(tiny_v10, remat):
   model, variables = tiny_v10
-  cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", ch=4, remat=True)
-  remat = vidtok_jax.VidTok(cfg)
+  cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", ch=4, remat=remat)
+  assert vidtok_jax.ModelSpec.from_config(cfg).remat == ("blocks" if remat is True else remat)
+  rm = vidtok_jax.VidTok(cfg)
   same_tree = jax.tree_util.tree_structure(vidtok_jax.abstract_params(cfg))
   assert same_tree == jax.tree_util.tree_structure(variables["params"])
   x = jax.random.uniform(jax.random.key(5), (1, 5, 16, 16, 3), minval=-1, maxval=1)
-  np.testing.assert_allclose(np.asarray(remat.apply(variables, x)[1]),
+  np.testing.assert_allclose(np.asarray(rm.apply(variables, x)[1]),
                              np.asarray(model.apply(variables, x)[1]), atol=1e-6)
+  grad = lambda m: jax.grad(lambda p: jnp.mean(jnp.abs(m.apply({"params": p}, x)[1] - x)))(
+      variables["params"])
+  for a, b in zip(jax.tree.leaves(grad(rm)), jax.tree.leaves(grad(model))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_bad_remat_policy_is_refused():
+  with pytest.raises(ValueError, match="remat"):
+    vidtok_jax.load_config("vidtok_kl_causal_488_4chn", remat="everything")
 
 
 @pytest.mark.parametrize("name", sorted(WHOLE))

@@ -46,9 +46,13 @@ BASE = dict(
     # Matmul/conv precision for float32 compute: "highest" is exact float32 (parity with the
     # official model on GPUs/TPUs too); "default" lets XLA use TF32 / bf16 passes (faster).
     precision="highest",
-    remat=False,  # rematerialise each res block in the backward pass
-    fsq_token_chunk=1024,  # tokens per chunk of the FSQ entropy computation
+    # Rematerialisation of each res / temporal / mid block in the backward pass (REMAT_POLICIES):
+    # "none", "convs" (keep conv outputs, recompute norms and activations), "blocks" (keep only
+    # block inputs). True / False mean "blocks" / "none".
+    remat="none",
 )
+
+REMAT_POLICIES = ("none", "convs", "blocks")
 
 _FSQ = dict(regularizer="fsq", double_z=False)
 _41616 = dict(ch_mult=(1, 2, 4, 4, 4))
@@ -152,8 +156,7 @@ class ModelSpec:
   dtype: str
   param_dtype: str
   precision: str
-  remat: bool
-  fsq_token_chunk: int
+  remat: str
 
   @property
   def spatial_factor(self) -> int:
@@ -184,8 +187,11 @@ class ModelSpec:
                            ("precision", ("default", "high", "highest"))):
       if d[field] not in allowed:
         bad(field, f"must be one of {allowed}")
-    for field in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch",
-                  "fsq_token_chunk"):
+    if isinstance(d["remat"], bool):
+      d["remat"] = "blocks" if d["remat"] else "none"
+    if d["remat"] not in REMAT_POLICIES:
+      bad("remat", f"must be one of {REMAT_POLICIES} (or a bool)")
+    for field in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch"):
       if not isinstance(d[field], int) or d[field] < 1:
         bad(field, "must be a positive integer")
     if not d["ch_mult"] or any(m < 1 for m in d["ch_mult"]):

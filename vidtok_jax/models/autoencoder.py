@@ -89,7 +89,7 @@ class VidTok(nn.Module):
       self.regularization = FSQRegularizer(
           s.levels, s.dim, s.entropy_loss_weight, s.entropy_loss_annealing_steps,
           s.entropy_loss_annealing_factor, s.commitment_loss_weight, s.diversity_gamma,
-          s.fsq_token_chunk, param_dtype=jnp.dtype(s.param_dtype))
+          param_dtype=jnp.dtype(s.param_dtype))
     else:
       self.regularization = DiagonalGaussianRegularizer()
 

@@ -36,7 +36,7 @@ class Decoder(nn.Module):
   interpolation_mode: str = "nearest"
   temp_upsample_m: Sequence[int] = (1, 2, 1, 1)
   norm_type: str = "layernorm"
-  remat: bool = False
+  remat: str = "none"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -46,7 +46,7 @@ class Decoder(nn.Module):
     n = len(self.ch_mult)
     widths = [self.ch * m for m in self.ch_mult]
     self.conv_in = conv3(widths[-1], self.causal, self.version, None, **kw)
-    self.mid = Mid(widths[-1], self.causal, self.version, self.norm_type, **kw)
+    self.mid = Mid(widths[-1], self.causal, self.version, self.norm_type, self.remat, **kw)
     self.up = [
         SpatialLevel(widths[i], self.num_res_blocks + 1, "up" if i in self.spatial_us else None,
                      norm_type=self.norm_type, remat=self.remat, **kw) for i in range(n)]

@@ -9,6 +9,7 @@ non-causal encoder takes T >= 4 frames and gives T' = floor(T / 4) (see SPEC 1.3
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vidtok_jax.models.blocks import (
@@ -40,11 +41,17 @@ def conv3(features, causal, version, name, **kw):
   return Conv(features, (3, 3, 3), padding=((1, 1),) * 3, name=name, **kw)
 
 
-def block_classes(remat: bool):
-  """The 2-D and temporal block classes, rematerialised per block when asked to save memory."""
-  if remat:  # (cache, return_cache, cache_offset) of the streaming call are static
-    return nn.remat(ResnetBlock2D), nn.remat(TemporalBlock, static_argnums=(3, 4))
-  return ResnetBlock2D, TemporalBlock
+def block_classes(remat: str):
+  """The 2-D, temporal and 3-D block classes, rematerialised per block to save memory:
+  "blocks" keeps only each block's input for the backward pass, "convs" also its conv outputs
+  (recomputing only norms and activations), "none" keeps everything."""
+  if remat in ("none", False):
+    return ResnetBlock2D, TemporalBlock, ResnetBlock3D
+  policy = jax.checkpoint_policies.dots_saveable if remat == "convs" else None
+  # (return_cache, cache_offset) of the streaming call are static.
+  return (nn.remat(ResnetBlock2D, policy=policy),
+          nn.remat(TemporalBlock, static_argnums=(3, 4), policy=policy),
+          nn.remat(ResnetBlock3D, static_argnums=(3, 4), policy=policy))
 
 
 class Mid(nn.Module):
@@ -54,6 +61,7 @@ class Mid(nn.Module):
   causal: bool = True
   version: str = "v1.0"
   norm_type: str = "layernorm"
+  remat: str = "none"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -64,9 +72,10 @@ class Mid(nn.Module):
     kw = dict(causal=self.causal, norm_type=self.norm_type, dtype=self.dtype,
               param_dtype=self.param_dtype, precision=self.precision)
     new = {}
+    block_3d = block_classes(self.remat)[2]
 
     def block(name):
-      mod = ResnetBlock3D(self.features, version=self.version, name=name, **kw)
+      mod = block_3d(self.features, version=self.version, name=name, **kw)
       return streamed(mod, cache, new, name, return_cache, cache_offset)
 
     h = block("block_1")(h)
@@ -83,14 +92,14 @@ class SpatialLevel(nn.Module):
   resample: Optional[str] = None  # "down" | "up" | None
   resamp_with_conv: bool = True
   norm_type: str = "layernorm"
-  remat: bool = False
+  remat: str = "none"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    block_2d, _ = block_classes(self.remat)
+    block_2d = block_classes(self.remat)[0]
     self.block = [block_2d(self.features, self.norm_type, **kw) for _ in range(self.num_blocks)]
     if self.resample == "down":
       self.downsample = Downsample(self.features, self.resamp_with_conv, **kw)
@@ -109,7 +118,7 @@ class TemporalLevel(nn.Module):
   interpolation_mode: str = "nearest"
   num_temp_upsample: int = 1
   norm_type: str = "layernorm"
-  remat: bool = False
+  remat: str = "none"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -117,7 +126,7 @@ class TemporalLevel(nn.Module):
   def setup(self):
     kw = dict(causal=self.causal, version=self.version, dtype=self.dtype,
               param_dtype=self.param_dtype, precision=self.precision)
-    _, block_1d = block_classes(self.remat)
+    block_1d = block_classes(self.remat)[1]
     self.block = [block_1d(self.features, norm_type=self.norm_type, **kw)
                   for _ in range(self.num_blocks)]
     if self.resample == "down":
@@ -147,7 +156,7 @@ class Encoder(nn.Module):
   tempo_ds: Sequence[int] = (2, 1)
   norm_type: str = "layernorm"
   resamp_with_conv: bool = True
-  remat: bool = False
+  remat: str = "none"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -165,7 +174,7 @@ class Encoder(nn.Module):
                       "down" if (i in self.spatial_ds and i in self.tempo_ds) else None,
                       self.causal, self.version, norm_type=self.norm_type, remat=self.remat, **kw)
         for i in range(n)]
-    self.mid = Mid(widths[-1], self.causal, self.version, self.norm_type, **kw)
+    self.mid = Mid(widths[-1], self.causal, self.version, self.norm_type, self.remat, **kw)
     self.norm_out = normalize(self.norm_type, "frame" if self.causal else "clip", None,
                               self.param_dtype)
     out = 2 * self.z_channels if self.double_z else self.z_channels

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
+from vidtok_jax.compile_options import compiler_options
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train import mesh as mesh_lib
 from vidtok_jax.train import state as state_lib
@@ -226,7 +227,8 @@ def train_and_evaluate(config, workdir: str):
   data = make_train_iterator(config, start_step=start)
   batch_sh = mesh_lib.batch_sharding(mesh)
   step_fn = jax.jit(step_lib.make_train_step(config), in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, None), donate_argnums=0)
+                    out_shardings=(shardings, None), donate_argnums=0,
+                    compiler_options=compiler_options())
   batch = mesh_lib.shard_batch(mesh, next(data))
   t0 = time.monotonic()
   step_fn = step_fn.lower(state, batch).compile()

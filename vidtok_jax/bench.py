@@ -1,0 +1,369 @@
+r"""Benchmark CLI: time, memory and FLOP/s of encode / decode / forward / fwd_bwd / train_step.
+
+  python -m vidtok_jax.bench --config vidtok_kl_causal_488_4chn --shape 1,17,64,64
+  python -m vidtok_jax.bench --config vidtok_fsq_causal_488_262144 --ops forward,fwd_bwd \
+      --dtype bfloat16 --remat blocks --set ch=64 --json out.json
+  python -m vidtok_jax.bench --fit 16,80 --shape 1,17,64,64     # largest trainable clip
+
+Every op is one jitted program, compiled ahead of time (trace+lower and compile timed apart),
+run `--warmup` times, then `--repeats` timed calls each ended by `jax.block_until_ready`; the
+median is reported, with clips/s and frames/s. `fwd_bwd` is the forward plus the gradient of the
+L1 reconstruction loss w.r.t. the params; `train_step` is the full GAN train step (autoencoder
+and discriminator updates, `vidtok_jax.train.make_train_step`, LPIPS with random VGG weights of
+the right shapes: speed does not depend on the values).
+
+Memory: on GPU/TPU the device's `peak_bytes_in_use`; on CPU the process's peak RSS (VmHWM) over
+the timed calls, counted from a reset after compiling (so compilation's own memory, reported as
+`compile_peak_rss_gib`, is excluded; params, the compiled program and the runtime are included,
+like a PyTorch process's peak RAM). Each op runs in a fresh subprocess (`--no-isolate` to turn
+off), so peaks are per op. FLOPs come from XLA's cost analysis of the lowered (device-independent)
+program, so convolutions count on every backend; utilisation is against the device's dense peak
+for the compute dtype where the device is known (`--peak_tflops` otherwise).
+
+`--fit 16,80`: for each dtype x remat setting, the largest clip (from `--fit_clips`) whose train
+step at batch 1 fits each memory budget, from XLA's memory analysis of the compiled step
+(arguments + outputs + temporaries - aliased donations): an estimate, compiled for this backend.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 2**30
+OPS = ("encode", "decode", "forward", "fwd_bwd", "train_step")
+
+# Dense peak TFLOP/s (bfloat16, float32) by device kind, from vendor data sheets.
+PEAKS = {
+    "H100 80GB HBM3": (989.4, 66.9), "H100 PCIe": (756.0, 51.2), "H200": (989.4, 66.9),
+    "A100": (312.0, 19.5), "TPU v4": (275.0, None), "TPU v5 lite": (197.0, None),
+    "TPU v5p": (459.0, None), "TPU v6 lite": (918.0, None),
+}
+
+
+def device_peak_tflops(kind: str, dtype: str):
+  for name, (bf16, f32) in PEAKS.items():
+    if name in kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return None
+
+
+def _rss_kib(field: str) -> int:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _reset_peak_rss():
+  """Resets VmHWM to the current RSS (Linux), so the peak is measured from here."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, frames: int,
+                 size: int):
+  """The repo's training config (`configs/vidtok.py`) of `variant` with the bench's overrides."""
+  import importlib.util
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vidtok.py"
+  if not path.exists():
+    raise FileNotFoundError(f"train_step needs the repository's training configs ({path})")
+  spec = importlib.util.spec_from_file_location("vidtok_configs", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(variant.removeprefix("vidtok_"))
+  import vidtok_jax
+
+  cfg.model = vidtok_jax.load_config(variant, **model_overrides)
+  cfg.train.dtype = dtype
+  cfg.data.global_batch_size, cfg.data.num_frames, cfg.data.size = batch, frames, size
+  return cfg
+
+
+def random_lpips_params(net: str):
+  """LPIPS params of the right shapes with random values (timing does not depend on them)."""
+  import jax
+  import jax.numpy as jnp
+
+  from vidtok_jax.metrics.lpips import LPIPS
+  from vidtok_jax.models.autoencoder import random_params
+
+  img = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  abstract = jax.eval_shape(lambda a, b: LPIPS(net=net).init(jax.random.key(0), a, b), img, img)
+  return random_params(abstract["params"], seed=1)
+
+
+def build(op: str, a):
+  """`(fn, args, batch_clips, frames)`: the jittable function of `op` and its inputs."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import vidtok_jax
+  from vidtok_jax.models.autoencoder import random_params
+
+  b, t, h, w = a.shape
+  overrides = dict(a.overrides, remat=a.remat, dtype=a.dtype)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, t, h, w, 3)).astype(np.float32))
+  if op == "train_step":
+    from vidtok_jax import train
+
+    cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h)
+    params = random_params(vidtok_jax.abstract_params(cfg.model), seed=0)
+    lp = random_lpips_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
+    state = train.create_train_state(cfg, jax.random.key(0), params, lpips_params=lp)
+    return train.make_train_step(cfg), (state, {"video": x}), b, t
+  cfg = vidtok_jax.load_config(a.config, **overrides)
+  model = vidtok_jax.VidTok(cfg)
+  params = jax.device_put(random_params(vidtok_jax.abstract_params(cfg), seed=0))
+  if op == "encode":
+    return (lambda p, x: model.apply({"params": p}, x, method=model.encode)), (params, x), b, t
+  if op == "forward":
+    return (lambda p, x: model.apply({"params": p}, x)[1]), (params, x), b, t
+  if op == "fwd_bwd":
+    def loss(p, x):
+      y = model.apply({"params": p}, x)[1]
+      return jnp.mean(jnp.abs(y.astype(jnp.float32) - x[:, x.shape[1] - y.shape[1]:]))
+
+    return jax.value_and_grad(loss), (params, x), b, t
+  if op == "decode":
+    z = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])(params, x)
+    dec = lambda p, z: model.apply({"params": p}, z, method=model.decode)
+    frames = jax.eval_shape(dec, params, z).shape[1]
+    return dec, (params, z), b, frames
+  raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+
+
+def run_op(op: str, a) -> dict:
+  """Compiles and times one op in this process; its record."""
+  import jax
+
+  from vidtok_jax.compile_options import compiler_options
+
+  dev = jax.devices()[0]
+  rec = dict(op=op, config=a.config, shape=list(a.shape), dtype=a.dtype, remat=a.remat,
+             overrides=a.overrides, device=dev.device_kind, platform=dev.platform,
+             jax=jax.__version__)
+  fn, args, clips, frames = build(op, a)
+  jax.block_until_ready(args)
+  donate = (0,) if op == "train_step" else ()
+  jitted = jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options())
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  rec["lower_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  rec["compile_s"] = time.perf_counter() - t0
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", 0.0))
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    rec["xla_temp_gib"] = mem.temp_size_in_bytes / GIB
+    rec["xla_args_gib"] = mem.argument_size_in_bytes / GIB
+  rec["compile_peak_rss_gib"] = _rss_kib("VmHWM") / 2**20
+
+  def call(args):
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    return (out[0], args[1]) if op == "train_step" else args  # the donated state comes back
+
+  _reset_peak_rss()
+  for _ in range(a.warmup):
+    args = call(args)
+  times = []
+  for _ in range(a.repeats):
+    t0 = time.perf_counter()
+    args = call(args)
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  rec.update(median_s=med, times_s=times, clips_per_s=clips / med, frames_per_s=clips * frames / med,
+             gflop=flops / 1e9, achieved_tflops=flops / med / 1e12)
+  peak = a.peak_tflops or device_peak_tflops(dev.device_kind, a.dtype)
+  if peak:
+    rec["peak_tflops"] = peak
+    rec["utilisation"] = rec["achieved_tflops"] / peak
+  stats = {}
+  try:
+    stats = dev.memory_stats() or {}
+  except Exception:  # some backends raise instead of returning None
+    pass
+  if "peak_bytes_in_use" in stats:
+    rec["peak_gib"], rec["memory"] = stats["peak_bytes_in_use"] / GIB, "device peak_bytes_in_use"
+  else:
+    rec["peak_gib"], rec["memory"] = _rss_kib("VmHWM") / 2**20, "process peak RSS (VmHWM)"
+  return rec
+
+
+def fit(a) -> list:
+  """The largest clip of `--fit_clips` whose batch-1 train step fits each budget (estimate)."""
+  import jax
+
+  from vidtok_jax.compile_options import compiler_options
+
+  budgets = [float(v) for v in a.fit.split(",")]
+  clips = [tuple(int(v) for v in c.split("x")) for c in a.fit_clips.split(",")]
+  out = []
+  for dtype in a.fit_dtypes.split(","):
+    for remat in a.fit_remats.split(","):
+      row = dict(dtype=dtype, remat=remat, needs_gib={})
+      for t, s in clips:
+        sub = argparse.Namespace(**{**vars(a), "dtype": dtype, "remat": remat,
+                                    "shape": (1, t, s, s)})
+        fn, args, _, _ = build_abstract(sub)
+        compiled = jax.jit(fn, donate_argnums=(0,),
+                           compiler_options=compiler_options()).lower(*args).compile()
+        m = compiled.memory_analysis()
+        need = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                - m.alias_size_in_bytes) / GIB
+        row["needs_gib"][f"{t}x{s}x{s}"] = round(need, 2)
+        print(f"  {dtype:9s} remat={remat:6s} {t}x{s}x{s}: {need:7.2f} GiB", flush=True)
+      for budget in budgets:
+        fits = [c for c, g in row["needs_gib"].items() if g <= budget]
+        row[f"largest_in_{budget:g}gib"] = fits[-1] if fits else None
+      out.append(row)
+  return out
+
+
+def build_abstract(a):
+  """The train step and abstract (shape-only) inputs, for memory analysis without running."""
+  import jax
+  import jax.numpy as jnp
+
+  import vidtok_jax
+  from vidtok_jax import train
+
+  b, t, h, _ = a.shape
+  cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h)
+  abstract = vidtok_jax.abstract_params(cfg.model)
+  state = jax.eval_shape(lambda p: train.create_train_state(cfg, jax.random.key(0), p, None),
+                         abstract)
+  if cfg.loss.perceptual_weight > 0:
+    state = jax.eval_shape(
+        lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
+        abstract, jax.eval_shape(lambda: random_lpips_params(cfg.loss.lpips_net)))
+  batch = {"video": jax.ShapeDtypeStruct((b, t, h, h, 3), jnp.float32)}
+  return train.make_train_step(cfg), (state, batch), b, t
+
+
+def _parse_set(items):
+  out = {}
+  for item in items:
+    key, _, value = item.partition("=")
+    if not _:
+      raise SystemExit(f"--set expects field=value, got {item!r}")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def table(records) -> str:
+  lines = [f"{'op':10s} {'compile s':>9s} {'median s':>9s} {'clips/s':>8s} {'frames/s':>9s} "
+           f"{'GFLOP':>8s} {'TFLOP/s':>8s} {'util':>6s} {'peak GiB':>9s}"]
+  for r in records:
+    if "error" in r:
+      lines.append(f"{r['op']:10s} failed: {r['error']}")
+      continue
+    util = f"{100 * r['utilisation']:5.1f}%" if "utilisation" in r else "     -"
+    lines.append(f"{r['op']:10s} {r['compile_s']:9.1f} {r['median_s']:9.3f} "
+                 f"{r['clips_per_s']:8.3f} {r['frames_per_s']:9.2f} {r['gflop']:8.0f} "
+                 f"{r['achieved_tflops']:8.3f} {util} {r['peak_gib']:9.2f}")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m vidtok_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="vidtok_kl_causal_488_4chn", help="released variant name")
+  p.add_argument("--shape", default="1,17,64,64", help="B,T,H,W of the input video")
+  p.add_argument("--ops", default="encode,decode,forward,fwd_bwd", help=f"from {', '.join(OPS)}")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (params stay float32)")
+  p.add_argument("--remat", default="none", choices=("none", "convs", "blocks"))
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="model config override, e.g. ch=64 (repeatable)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if unknown")
+  p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                 help="each op in a fresh subprocess (per-op memory peaks)")
+  p.add_argument("--json", default=None, help="write the records here")
+  p.add_argument("--fit", default=None, help="memory budgets in GiB, e.g. 16,80")
+  p.add_argument("--fit_clips", default="17x64,17x128,17x256,33x256,17x512,33x512,65x512")
+  p.add_argument("--fit_dtypes", default="float32,bfloat16")
+  p.add_argument("--fit_remats", default="none,convs,blocks")
+  p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  try:
+    a.shape = tuple(int(v) for v in a.shape.split(","))
+    assert len(a.shape) == 4 and min(a.shape) > 0
+  except (ValueError, AssertionError):
+    p.error(f"--shape must be four positive integers B,T,H,W, got {a.shape!r}")
+  a.overrides = _parse_set(a.set)
+  ops = [o for o in a.ops.split(",") if o]
+  bad = [o for o in ops if o not in OPS]
+  if bad:
+    p.error(f"unknown op(s) {bad}; ops: {', '.join(OPS)}")
+  a.op_list = ops
+  return a
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  import vidtok_jax  # config errors surface before any compile
+
+  vidtok_jax.load_config(a.config, **a.overrides)
+  if a._one:
+    print("RECORD " + json.dumps(run_op(a._one, a)), flush=True)
+    return
+  if a.fit:
+    rows = fit(a)
+    print(json.dumps(rows, indent=1))
+    if a.json:
+      pathlib.Path(a.json).write_text(json.dumps(rows, indent=1))
+    return
+  print(f"== {a.config} {'x'.join(map(str, a.shape))} {a.dtype} remat={a.remat} "
+        f"{a.overrides or ''}", flush=True)
+  records = []
+  for op in a.op_list:
+    print(f"-- {op} ...", flush=True)
+    if a.isolate:
+      argv_one = [sys.executable, "-m", "vidtok_jax.bench", f"--_one={op}",
+                  f"--config={a.config}", "--shape=" + ",".join(map(str, a.shape)),
+                  f"--dtype={a.dtype}", f"--remat={a.remat}", f"--warmup={a.warmup}",
+                  f"--repeats={a.repeats}"] + [f"--set={s}" for s in a.set]
+      if a.peak_tflops:
+        argv_one.append(f"--peak_tflops={a.peak_tflops}")
+      proc = subprocess.run(argv_one, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RECORD ")]
+      if lines:
+        rec = json.loads(lines[-1][len("RECORD "):])
+      else:  # killed (out of memory) or crashed: a result, not a crash of the benchmark
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        rec = dict(op=op, error=f"exit {proc.returncode}: {tail}")
+    else:
+      rec = run_op(op, a)
+    records.append(rec)
+    print(table([rec]).splitlines()[-1], flush=True)
+  print(table(records))
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+  main()
