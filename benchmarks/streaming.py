@@ -26,23 +26,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rss_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  return 0
-
-
-def _reset_hwm():
-  """Resets VmHWM to the current RSS (Linux >= 4.0), so a peak is measured from here."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
 def run_one(args) -> dict:
   sys.path.insert(0, REPO)
   import jax
@@ -51,6 +34,7 @@ def run_one(args) -> dict:
 
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
+  from vidtok_jax.bench import reset_peak_rss, rss_kib
   from vidtok_jax.streaming import Streamer
 
   mode, t, h, w = args.one.split(",")
@@ -86,8 +70,8 @@ def run_one(args) -> dict:
   assert out.shape[1] == t, out.shape
   del out
   # Memory is measured over the warm calls only: compilation's own memory is not the model's.
-  base = _rss_kib("VmRSS")
-  _reset_hwm()
+  base = rss_kib("VmRSS")
+  reset_peak_rss()
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
@@ -104,7 +88,7 @@ def run_one(args) -> dict:
     res["peak_mib"] = stats.get("peak_bytes_in_use", 0) / 2**20
     res["memory"] = "device peak_bytes_in_use"
   else:
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     res["raw_peak_mib"] = peak / 1024
     res["peak_mib"] = max(peak - base, 0) / 1024 - buffers / 2**20
     res["memory"] = "host peak RSS of a warm call - RSS before it - the output video"

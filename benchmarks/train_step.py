@@ -62,8 +62,7 @@ def lpips_params_for(mode, net):
   """(params or None, the mode actually used)."""
   import importlib
 
-  import jax
-  import jax.numpy as jnp
+  from vidtok_jax.bench import random_lpips_params
 
   lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")  # the module, not the function
 
@@ -76,13 +75,7 @@ def lpips_params_for(mode, net):
       print(
           f"LPIPS weights not loadable ({type(e).__name__}: {e}); using random params", flush=True
       )
-  z = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  abstract = jax.eval_shape(
-      lambda a, b: lpips_lib.LPIPS(net=net).init(jax.random.key(0), a, b), z, z
-  )["params"]
-  from vidtok_jax.models.autoencoder import random_params
-
-  return random_params(abstract, seed=1), "random"
+  return random_lpips_params(net), "random"
 
 
 def device_info():

@@ -52,7 +52,8 @@ def device_peak_tflops(kind: str, dtype: str):
   return None
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+  """A `/proc/self/status` memory field (VmRSS, VmHWM) in KiB; 0 where there is none."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
@@ -63,7 +64,7 @@ def _rss_kib(field: str) -> int:
   return 0
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
   """Resets VmHWM to the current RSS (Linux), so the peak is measured from here."""
   try:
     with open("/proc/self/clear_refs", "w") as f:
@@ -173,14 +174,14 @@ def run_op(op: str, a) -> dict:
   if mem is not None:
     rec["xla_temp_gib"] = mem.temp_size_in_bytes / GIB
     rec["xla_args_gib"] = mem.argument_size_in_bytes / GIB
-  rec["compile_peak_rss_gib"] = _rss_kib("VmHWM") / 2**20
+  rec["compile_peak_rss_gib"] = rss_kib("VmHWM") / 2**20
 
   def call(args):
     out = compiled(*args)
     jax.block_until_ready(out)
     return (out[0], args[1]) if op == "train_step" else args  # the donated state comes back
 
-  _reset_peak_rss()
+  reset_peak_rss()
   for _ in range(a.warmup):
     args = call(args)
   times = []
@@ -203,7 +204,7 @@ def run_op(op: str, a) -> dict:
   if "peak_bytes_in_use" in stats:
     rec["peak_gib"], rec["memory"] = stats["peak_bytes_in_use"] / GIB, "device peak_bytes_in_use"
   else:
-    rec["peak_gib"], rec["memory"] = _rss_kib("VmHWM") / 2**20, "process peak RSS (VmHWM)"
+    rec["peak_gib"], rec["memory"] = rss_kib("VmHWM") / 2**20, "process peak RSS (VmHWM)"
   return rec
 
 
