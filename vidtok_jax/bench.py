@@ -93,17 +93,23 @@ def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, fr
   return cfg
 
 
-def random_lpips_params(net: str):
-  """LPIPS params of the right shapes with random values (timing does not depend on them)."""
+def lpips_abstract_params(net: str):
+  """The shapes of the LPIPS params (no values)."""
   import jax
   import jax.numpy as jnp
 
   from vidtok_jax.metrics.lpips import LPIPS
-  from vidtok_jax.models.autoencoder import random_params
 
   img = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda a, b: LPIPS(net=net).init(jax.random.key(0), a, b), img, img)
-  return random_params(abstract["params"], seed=1)
+  return jax.eval_shape(lambda a, b: LPIPS(net=net).init(jax.random.key(0), a, b), img,
+                        img)["params"]
+
+
+def random_lpips_params(net: str):
+  """LPIPS params of the right shapes with random values (timing does not depend on them)."""
+  from vidtok_jax.models.autoencoder import random_params
+
+  return random_params(lpips_abstract_params(net), seed=1)
 
 
 def build(op: str, a):
@@ -248,13 +254,10 @@ def build_abstract(a):
 
   b, t, h, _ = a.shape
   cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h)
-  abstract = vidtok_jax.abstract_params(cfg.model)
-  state = jax.eval_shape(lambda p: train.create_train_state(cfg, jax.random.key(0), p, None),
-                         abstract)
-  if cfg.loss.perceptual_weight > 0:
-    state = jax.eval_shape(
-        lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
-        abstract, jax.eval_shape(lambda: random_lpips_params(cfg.loss.lpips_net)))
+  lp = lpips_abstract_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
+  state = jax.eval_shape(
+      lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
+      vidtok_jax.abstract_params(cfg.model), lp)
   batch = {"video": jax.ShapeDtypeStruct((b, t, h, h, 3), jnp.float32)}
   return train.make_train_step(cfg), (state, batch), b, t
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vidtok_jax.config import REMAT_POLICIES
 from vidtok_jax.models.blocks import (
   AttnBlock,
   ResnetBlock2D,
@@ -45,7 +46,9 @@ def block_classes(remat: str):
   """The 2-D, temporal and 3-D block classes, rematerialised per block to save memory:
   "blocks" keeps only each block's input for the backward pass, "convs" also its conv outputs
   (recomputing only norms and activations), "none" keeps everything."""
-  if remat in ("none", False):
+  if remat not in REMAT_POLICIES:  # modules built without a validated config
+    raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+  if remat == "none":
     return ResnetBlock2D, TemporalBlock, ResnetBlock3D
   policy = jax.checkpoint_policies.dots_saveable if remat == "convs" else None
   # (return_cache, cache_offset) of the streaming call are static.
