@@ -72,3 +72,13 @@ def test_fit_estimates_train_step_memory(tmp_path):
   assert row["dtype"] == "float32" and row["remat"] == "blocks"
   assert 0 < row["needs_gib"]["5x16x16"] < 1000
   assert row["largest_in_0.001gib"] is None and row["largest_in_1000gib"] == "5x16x16"
+
+
+def test_staged_fwd_bwd_record(tmp_path):
+  out = tmp_path / "bench.json"
+  bench.main(TINY + ["--ops=fwd_bwd", "--grad=staged", "--residual_budget_mib=0.01",
+                     "--no-isolate", f"--json={out}"])
+  (rec,) = json.loads(out.read_text())
+  assert rec["grad"] == "staged" and rec["median_s"] > 0 and rec["peak_gib"] > 0
+  assert rec["gflop"] > 0 and rec["compile_s"] >= 0 and len(rec["times_s"]) == 2
+  assert isinstance(rec["saved_stages"], list) and rec["residual_budget_mib"] == 0.01

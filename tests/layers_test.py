@@ -131,3 +131,38 @@ def test_time_downsample_needs_two_frames():
   x = jnp.zeros((1, 1, 2, 2, 4))
   with pytest.raises(ValueError, match="at least 2 frames"):
     layers.TimeDownsample(4).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("dtype,kernel,padding", [
+    (jnp.float32, (3, 3, 3), ((2, 0), (1, 1), (1, 1))),  # the causal 3x3x3 conv_out shape
+    (jnp.float32, (1, 3, 3), "VALID"),
+    (jnp.bfloat16, (3, 3, 3), "VALID"),
+])
+def test_few_output_convs_run_by_taps_with_the_same_values_and_gradients(dtype, kernel, padding):
+  """`conv3d` runs a kernel with taps x outputs <= inputs as one matmul plus shifted sums
+  (`conv_by_taps`): values and gradients equal XLA's conv."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 6, 9, 8, 96)), dtype)
+  k = jnp.asarray(rng.standard_normal((*kernel, 96, 3)) * 0.1, dtype)
+
+  def reference(x, k):
+    pad = padding if padding == "VALID" else list(padding)
+    return jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), k.astype(jnp.float32), (1, 1, 1), pad,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+
+  def loss(f):
+    return lambda x, k: jnp.sum(jnp.sin(f(x, k).astype(jnp.float32)))
+
+  y = layers.conv3d(x, k, padding=padding)
+  y_ref = reference(x, k)
+  assert y.dtype == dtype and y.shape == y_ref.shape
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  scale = float(jnp.max(jnp.abs(y_ref)))
+  assert max_abs(y.astype(jnp.float32), y_ref) <= tol * scale
+  gx, gk = jax.grad(loss(lambda x, k: layers.conv3d(x, k, padding=padding)), (0, 1))(x, k)
+  rx, rk = jax.grad(loss(reference), (0, 1))(x, k)
+  assert gx.dtype == dtype and gk.dtype == dtype
+  for g, r in ((gx, rx), (gk, rk)):
+    assert max_abs(g.astype(jnp.float32), r) <= tol * float(jnp.max(jnp.abs(r)))
