@@ -28,6 +28,7 @@ def test_records_time_flops_and_memory(tmp_path):
   assert recs["decode"]["frames_per_s"] == pytest.approx(5 / recs["decode"]["median_s"])
   # The backward costs about twice the forward: XLA's cost analysis sees every conv.
   assert 2.0 < recs["fwd_bwd"]["gflop"] / recs["forward"]["gflop"] < 4.0
+  assert recs["fwd_bwd"]["grad"] == "staged"  # --grad auto on CPU
   assert "utilisation" not in recs["forward"]  # no known peak for a CPU
 
 
@@ -75,7 +76,9 @@ def test_fit_estimates_train_step_memory(tmp_path):
 
 
 def test_staged_fwd_bwd_record(tmp_path):
-  out = tmp_path / "bench.json"
+  out, prog = tmp_path / "bench.json", tmp_path / "program.json"
+  bench.main(TINY + ["--ops=fwd_bwd", "--grad=program", "--no-isolate", f"--json={prog}"])
+  assert json.loads(prog.read_text())[0]["grad"] == "program"
   bench.main(TINY + ["--ops=fwd_bwd", "--grad=staged", "--residual_budget_mib=0.01",
                      "--no-isolate", f"--json={out}"])
   (rec,) = json.loads(out.read_text())

@@ -115,7 +115,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m vidtok_jax.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="demo_out", help="output folder (replaced if it exists)")
-  p.add_argument("--steps", type=int, default=1000 if accel else 120, help="training steps")
+  p.add_argument("--steps", type=int, default=1000 if accel else 240, help="training steps")
   p.add_argument("--size", type=int, default=128 if accel else 64, help="training/eval size")
   p.add_argument("--batch", type=int, default=8 if accel else 2, help="clips per step")
   p.add_argument("--i3d_weights", default=None, help="I3D weights for FVD (see above)")
