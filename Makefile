@@ -1,6 +1,6 @@
 # Needs only python3 (with its venv module) and make. `make demo` and `make test` create the
 # virtual environment $(VENV) with $(PYTHON) and install into it; override either on the command
-# line (`make test PYTHON=python3.11 VENV=/tmp/env`).
+# line (`make test PYTHON=python3.11 VENV=.venv-py311`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
