@@ -57,9 +57,8 @@ def stage(n: int, text: str):
 def demo_config(out: str, steps: int, size: int, batch: int):
   """The `tiny` KL config sized for a few CPU minutes, reading the clips under `out/data`."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs.vidtok import get_config
-
   import vidtok_jax
+  from configs.vidtok import get_config
 
   config = get_config("kl_causal_488_4chn,tiny")
   config.model = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", **{
@@ -89,7 +88,7 @@ def evaluate(config, params, videos: list, i3d, what: str) -> dict:
   ev = evaluation.Evaluator(config, params, lpips_net="vgg", fvd=i3d is not None,
                             batch_size=2, sample_posterior=True, i3d_variables=i3d)
   result = ev.run(evaluation.folder_videos(videos, config.data.eval_sample_fps))
-  print(evaluation.format_table(result).replace("ALL", f"ALL ({what})"), flush=True)
+  print(f"{what} model:\n{evaluation.format_table(result)}", flush=True)
   return result
 
 
