@@ -148,9 +148,8 @@ def main(argv=None):
   from vidtok_jax.train.loop import train_and_evaluate
 
   config = demo_config(out, a.steps, a.size, a.batch)
-  config.data.num_frames = 17  # evaluation windows: the causal model's official 17 frames
   eval_config = config.copy_and_resolve_references()
-  config.data.num_frames = 9  # training clips (the tiny config's)
+  eval_config.data.num_frames = 17  # evaluation windows: the causal model's official 17 frames
   i3d = load_i3d(a.i3d_weights) if a.fvd else None
 
   stage(2, "evaluating the untrained model (random init) on the held-apart clip")

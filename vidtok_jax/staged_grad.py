@@ -108,7 +108,8 @@ class StagedGrad:
 
   def __init__(self, model, loss_fn: Callable, *, sample: bool = False,
                compute_aux: bool = True, has_aux: bool = False,
-               residual_budget_mib: float = DEFAULT_BUDGET_MIB, compiler_options: Optional[dict] = None):
+               residual_budget_mib: float = DEFAULT_BUDGET_MIB,
+               compiler_options: Optional[dict] = None):
     if residual_budget_mib < 0:
       raise ValueError(f"residual_budget_mib must be >= 0, got {residual_budget_mib}")
     self.model, self.spec, self.loss_fn = model, model.config, loss_fn
@@ -120,13 +121,11 @@ class StagedGrad:
     funcs = [self._stage_fn(k) for k in range(len(self.stages))]
     self._funcs = funcs
     self._fwd = [jit(f) for f in funcs]
-    self._fwd_res = [jit(lambda p, h, step, key, f=f: self._vjp(f, p, h, step, key))
-                     for f in funcs]
     # The first stage's input is the data: its cotangent is never needed, so not computed.
-    self._fwd_res = [jit(lambda p, h, step, key: self._vjp(funcs[0], p, h, step, key, False))
-                     ] + self._fwd_res[1:]
-    self._bwd = [jit(lambda p, h, step, key, ct, f=f, k=k: self._vjp(f, p, h, step, key, k > 0)[1](ct))
-                 for k, f in enumerate(funcs)]
+    self._fwd_res = [jit(lambda p, h, step, key, f=f, k=k: self._vjp(f, p, h, step, key, k > 0))
+                     for k, f in enumerate(funcs)]
+    self._bwd = [jit(lambda p, h, step, key, ct, f=f, k=k:
+                     self._vjp(f, p, h, step, key, k > 0)[1](ct)) for k, f in enumerate(funcs)]
     self._pull = jit(lambda vjp, ct: vjp(ct))
 
     def head(y, x, faux, iaux):
@@ -219,7 +218,9 @@ class StagedGrad:
       h = inputs.pop()
       if self.stages[k].name == REGULARIZER:
         ct = (ct, ct_faux)
-      dp, ct = self._pull(vjps.pop(k), ct) if k in saved else self._bwd[k](ps[k], h, step, key,
-                                                                            ct)
+      if k in saved:
+        dp, ct = self._pull(vjps.pop(k), ct)
+      else:
+        dp, ct = self._bwd[k](ps[k], h, step, key, ct)
       _merge(grads, dp)
     return value, grads
