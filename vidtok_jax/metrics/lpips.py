@@ -141,17 +141,20 @@ class LPIPS(nn.Module):
           f"expected two (N, H, W, 3) batches of equal shape, got {x.shape}, {y.shape}"
       )
     n = x.shape[0]
-    # One backbone pass over both batches: half the kernel launches, same per-image values.
-    z = (jnp.concatenate([x, y]).astype(jnp.float32) - SHIFT) / SCALE
     net = canonical_net(self.net)
-    backbone = VGG16Features if net == "vgg" else AlexNetFeatures
-    taps = backbone(dtype=self.dtype, name=_NETS[net][1])(z.astype(self.dtype))
+    backbone = (VGG16Features if net == "vgg" else AlexNetFeatures)(dtype=self.dtype,
+                                                                    name=_NETS[net][1])
+    # One backbone pass per batch (shared params): in training only `y` is differentiated, so
+    # the backward runs over y's pass alone (a joint pass over [x; y] backpropagates through
+    # both halves).
+    feats = [backbone(((v.astype(jnp.float32) - SHIFT) / SCALE).astype(self.dtype))
+             for v in (x, y)]
     total = jnp.zeros((n,), jnp.float32)
-    for i, f in enumerate(taps):
-      if 0 in f.shape[1:3]:  # the spatial mean of an empty tap would silently be NaN
+    for i, (fx, fy) in enumerate(zip(*feats, strict=True)):
+      if 0 in fx.shape[1:3]:  # the spatial mean of an empty tap would silently be NaN
         raise ValueError(f"{x.shape[1]}x{x.shape[2]} images are too small for LPIPS {net}")
-      f = normalize_channels(f.astype(jnp.float32))
-      d = jnp.square(f[:n] - f[n:])
+      d = jnp.square(normalize_channels(fx.astype(jnp.float32))
+                     - normalize_channels(fy.astype(jnp.float32)))
       d = nn.Dropout(DROPOUT_RATE, deterministic=not train)(d)
       d = nn.Conv(1, (1, 1), use_bias=False, dtype=jnp.float32, name=f"lin{i}")(d)
       total = total + jnp.mean(d[..., 0], axis=(1, 2))

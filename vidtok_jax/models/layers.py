@@ -52,7 +52,9 @@ class Conv(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, padding=None):
+    """`padding` (per-axis pairs) overrides the field for this call (a zero pad of the input)."""
+    padding = self.padding if padding is None else padding
     fan_in = x.shape[-1] * int(np.prod(self.kernel_size))
     zeros = nn.initializers.zeros_init()
     kshape = (*self.kernel_size, x.shape[-1], self.features)
@@ -62,32 +64,50 @@ class Conv(nn.Module):
                       (self.features,), self.param_dtype)
     dtype = self.dtype or x.dtype
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+    if padding != "VALID" and all(tuple(p) == (0, 0) for p in padding):
+      padding = "VALID"
     if (tuple(self.kernel_size) == (1, 1, 1) and tuple(self.strides) == (1, 1, 1)
-        and self.padding == "VALID"):
+        and padding == "VALID"):
       # A pointwise conv is a matmul; skip the conv machinery.
       return jnp.einsum("...i,io->...o", x, kernel[0, 0, 0], precision=self.precision) + bias
-    return conv3d(x, kernel, tuple(self.strides), self.padding, self.precision) + bias
+    return conv3d(x, kernel, tuple(self.strides), padding, self.precision) + bias
 
 
 def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
   """A 3-D conv `(B, T, H, W, C) * (kt, kh, kw, C, O)`, `padding` "VALID" or per-axis pairs.
 
-  A one-tap (per-frame) kernel runs as a 2-D conv over `B*T` frames: XLA:CPU's 2-D convs are
-  about twice as fast as its 3-D ones (the same sums either way). A kernel with few outputs
-  (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as `conv_by_taps`.
+  Zero padding is the conv's own (no padded copy of `x` is made). A one-tap (per-frame) kernel
+  runs as a 2-D conv over `B*T` frames and a one-pixel temporal kernel `(kt, 1, 1)` as a 2-D conv
+  over `(T, H*W)` "images": 2-D convs are the best-tuned kernels of cuDNN and XLA:CPU (whose 2-D
+  convs are about twice as fast as its 3-D ones; the same sums either way). On CPU a kernel
+  with few outputs (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as
+  `conv_by_taps`; accelerators run it as a conv.
   """
   taps = int(np.prod(kernel.shape[:3]))
-  if taps > 1 and tuple(strides) == (1, 1, 1) and taps * kernel.shape[-1] <= kernel.shape[-2]:
+  if (taps > 1 and tuple(strides) == (1, 1, 1) and taps * kernel.shape[-1] <= kernel.shape[-2]
+      and jax.default_backend() == "cpu"):
     if padding != "VALID":
       x = jnp.pad(x, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
     return conv_by_taps(x, kernel, precision)
+  if kernel.shape[1:3] == (1, 1) and strides[1:] == (1, 1) and (
+      padding == "VALID" or tuple(map(tuple, padding[1:])) == ((0, 0), (0, 0))):
+    time_pad = "VALID" if padding == "VALID" else (tuple(padding[0]), (0, 0))
+
+    def time_conv(x, kernel):
+      b, t, h, w, c = x.shape
+      y = jax.lax.conv_general_dilated(
+          x.reshape(b, t, h * w, c), kernel[:, 0], window_strides=(strides[0], 1),
+          padding=time_pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+      return y.reshape(b, y.shape[1], h, w, y.shape[-1])
+
+    return early_weight_grad(time_conv)(x, kernel)
   if kernel.shape[0] > 1 or strides[0] != 1:
     def conv(x, kernel):
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision)
     return early_weight_grad(conv)(x, kernel)
-  if padding != "VALID":
+  if padding != "VALID" and tuple(padding[0]) != (0, 0):  # a one-tap kernel over padded time
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), (0, 0), (0, 0), (0, 0)))
   spatial = "VALID" if padding == "VALID" else tuple(tuple(p) for p in padding[1:])
 
@@ -246,6 +266,15 @@ class CausalConv(nn.Module):
     else:
       hpad, wpad = _spatial_pads(kh, kw, sh, sw)
       mode, first_mode = self.pad_mode, "replicate"
+    conv = Conv(self.features, tuple(self.kernel_size), tuple(self.strides), "VALID",
+                zero_init=self.zero_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, name="conv")
+    if cache is None and not return_cache and mode == "constant":
+      # Zeros in front (v1.0) and around: the conv pads, so no padded copy of x is written.
+      tpad = (pt, 0) if first_mode == "constant" else (0, 0)
+      if first_mode != "constant":
+        x = time_pad_front(x, pt, first_mode)
+      return conv(x, padding=(tpad, hpad, wpad))
     if cache is None:
       padded = time_pad_front(x, pt, first_mode)
     else:
@@ -253,9 +282,7 @@ class CausalConv(nn.Module):
     if hpad != (0, 0) or wpad != (0, 0):
       pads = ((0, 0), (0, 0), hpad, wpad, (0, 0))
       padded = jnp.pad(padded, pads, mode="edge" if mode == "replicate" else "constant")
-    y = Conv(self.features, tuple(self.kernel_size), tuple(self.strides), "VALID",
-             zero_init=self.zero_init, dtype=self.dtype, param_dtype=self.param_dtype,
-             precision=self.precision, name="conv")(padded)
+    y = conv(padded)
     if not return_cache:
       return y
     offset = self.cache_offset if cache_offset is None else cache_offset
