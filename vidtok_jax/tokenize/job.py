@@ -45,6 +45,7 @@ log = logging.getLogger("vidtok_jax.tokenize")
 SEED = 42
 STORES = ("mean", "mean_logvar", "sample")
 DTYPES = ("float32", "bfloat16", "float16")
+_ENCODERS = {}  # (ModelSpec, store, devices) -> jitted window encoder; params are an argument
 
 
 class JobMismatchError(ValueError):
@@ -256,6 +257,9 @@ class TokenizeJob:
   # -- encoding -------------------------------------------------------------------------------
 
   def _make_encoder(self):
+    cache_key = (self.spec, self.store, tuple(self.mesh.devices.flat))
+    if cache_key in _ENCODERS:  # reruns in one process (tests, notebooks) compile once
+      return _ENCODERS[cache_key]
     model, fsq, store = self.model, self.fsq, self.store
 
     def enc(params, x01, keys):
@@ -273,7 +277,8 @@ class TokenizeJob:
       return out
 
     batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    return jax.jit(enc, in_shardings=(None, batch, batch), out_shardings=batch)
+    _ENCODERS[cache_key] = jax.jit(enc, in_shardings=(None, batch, batch), out_shardings=batch)
+    return _ENCODERS[cache_key]
 
   def _window_keys(self, video_index: int, window_ids):
     base = jax.random.fold_in(jax.random.key(self.seed), video_index)
@@ -441,6 +446,10 @@ class TokenizeJob:
     if len(todo) < len(mine):
       log.info("resuming: %d of this process's %d shards already complete", len(mine) - len(todo),
                len(mine))
+    if "://" not in self.out.as_posix():  # leftovers of a killed run (only we write these)
+      for s in todo:
+        for stale in self.out.glob(f".{self.shard_name(s, m)}.tmp-*"):
+          stale.unlink()
     previous = None
     if handle_sigterm:
       def on_term(signum, frame):
