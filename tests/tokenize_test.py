@@ -167,6 +167,14 @@ def test_rate_figures_and_lossless_entropy_coding(fsq_out):
   assert 32 * len(words) <= len(ids) * 12
 
 
+def test_eval_rate_figures_match_the_tokenized_dataset(folder, fsq_params, fsq_out):
+  fig = TokenizeJob(tiny(FSQ), fsq_params, None).rate_of(items(folder))  # what eval.py reports
+  want = json.loads((fsq_out / "manifest.json").read_text())["rate"]
+  for k in ("tokens", "pixels", "codes_used", "entropy_bits_per_token", "raw_bpp", "entropy_bpp"):
+    assert fig[k] == pytest.approx(want[k], rel=1e-12), k
+  assert fig["entropy_bpp"] <= fig["coded_bpp"] <= fig["raw_bpp"]
+
+
 def test_rate_module_round_trip_on_a_skewed_stream():
   ids = np.random.default_rng(0).zipf(1.5, 20000) % 262144
   fig = rate.dataset_rate(ids, 262144, 20000 * 16)  # verifies the decode itself

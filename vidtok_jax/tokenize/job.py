@@ -151,7 +151,7 @@ class TokenizeJob:
     config: full config (`model`; `data.size`, `data.num_frames`, `data.eval_sample_fps`: the
       evaluation clip protocol), e.g. `configs/vidtok.py:VARIANT`.
     params: the VidTok params.
-    out: output folder (local path or epath URL).
+    out: output folder (local path or epath URL); None for `rate_of` only.
     split: shard name prefix.
     mode: "clips" (one record per window of num_frames, the last padded by repeating its last
       frame) or "long" (one record per video: the first 16k(+1) frames, streamed in chunks).
@@ -177,7 +177,7 @@ class TokenizeJob:
     if batch_size < 1 or videos_per_shard < 1:
       raise ValueError(f"batch_size and videos_per_shard must be >= 1, got {batch_size}, "
                        f"{videos_per_shard}")
-    self.config, self.out = config, epath.Path(out)
+    self.config, self.out = config, (None if out is None else epath.Path(out))
     self.model = vidtok_jax.VidTok(config.model)
     spec = self.spec = self.model.config
     self.fsq = spec.regularizer == "fsq"
@@ -422,6 +422,23 @@ class TokenizeJob:
       out.append((meta, {n: v[k] for n, v in arrays.items()}))
     return out, None
 
+  def rate_of(self, videos, progress: bool = False) -> dict:
+    """FSQ rate figures (`metrics.rate`, the coded size from one ANS stream, decoded back to
+    check) of `videos` under this protocol, nothing written: what eval.py reports."""
+    from tqdm import tqdm
+
+    if not self.fsq:
+      raise ValueError("rate figures need an FSQ model")
+    ids, pixels = [], 0
+    for vi, item in enumerate(tqdm(list(videos), desc="rate", unit="video", disable=not progress)):
+      recs, _ = self._video_records(vi, item)
+      for meta, arrays in recs or ():
+        ids.append(np.asarray(arrays["tokens"], np.int64).reshape(-1))
+        pixels += meta["input_frames"] * self.size[0] * self.size[1]
+    if not ids:
+      raise ValueError("no video could be encoded: no rate figures")
+    return rate_lib.dataset_rate(np.concatenate(ids), self.codebook_size, pixels)
+
   # -- the run --------------------------------------------------------------------------------
 
   def run(self, videos, *, skipped_inputs: Sequence[dict] = (), progress: bool = True,
@@ -436,6 +453,8 @@ class TokenizeJob:
     videos = list(videos)
     if not videos:
       raise ValueError("no videos to tokenize")
+    if self.out is None:
+      raise ValueError("TokenizeJob(out=None) cannot run: give an output folder")
     ident = self.identity([v.path for v in videos])
     ident["skipped_inputs"] = list(skipped_inputs)
     self._check_or_write_identity(ident)
