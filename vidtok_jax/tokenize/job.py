@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -72,8 +73,13 @@ def fsq_codes(ids, levels) -> np.ndarray:
 # ------------------------------------------------------------------ files
 
 
+def _tmp_suffix() -> str:
+  """Unique per process across hosts sharing one output folder."""
+  return f"tmp-{socket.gethostname()}-{os.getpid()}"
+
+
 def _atomic_write(path: epath.Path, data: bytes):
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp = path.parent / f".{path.name}.{_tmp_suffix()}"
   tmp.write_bytes(data)
   tmp.replace(path)
 
@@ -340,7 +346,7 @@ class TokenizeJob:
 
     local = "://" not in self.out.as_posix()
     tmpdir = None if local else tempfile.mkdtemp(prefix="vidtok_tokenize_")
-    tmp = (os.path.join(os.fspath(self.out), f".{name}.tmp-{os.getpid()}") if local else
+    tmp = (os.path.join(os.fspath(self.out), f".{name}.{_tmp_suffix()}") if local else
            os.path.join(tmpdir, name))
     writer = ArrayRecordWriter(tmp, "group_size:1")
     records, skipped, moments, counts, pixels = 0, [], None, None, 0
@@ -368,7 +374,7 @@ class TokenizeJob:
       if local:
         os.replace(tmp, os.fspath(final))
       else:
-        part = self.out / f".{name}.tmp-{os.getpid()}"
+        part = self.out / f".{name}.{_tmp_suffix()}"
         epath.Path(tmp).copy(part, overwrite=True)
         part.replace(final)
     finally:
@@ -401,7 +407,10 @@ class TokenizeJob:
     if len(raw) == 0:
       return None, {"path": item.path, "video_index": vi, "reason": "no_frames",
                     "message": "no frames"}
-    x01 = sampling.resize_short_side_and_center_crop(raw, self.size)
+    # In groups of frames: the float64 resize of a long HD video at once needs ~10 GB.
+    x01 = np.concatenate([sampling.resize_short_side_and_center_crop(raw[i:i + 16], self.size)
+                          for i in range(0, len(raw), 16)])
+    del raw
     w = windows(x01, self.num_frames, self.mode, self.spec.causal)
     if w is None:
       need = f"> {sampling.LONG_CHUNK}" if self.spec.causal else f">= {sampling.LONG_CHUNK}"
