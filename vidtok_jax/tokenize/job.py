@@ -84,7 +84,9 @@ def _atomic_write(path: epath.Path, data: bytes):
   tmp.replace(path)
 
 
-def _json_bytes(obj) -> bytes:
+def _json_bytes(obj, compact: bool = False) -> bytes:
+  if compact:  # sidecars: token counts can run to 2 x 262144 numbers
+    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
   return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -390,7 +392,7 @@ class TokenizeJob:
       c = np.zeros(self.codebook_size, np.int64) if counts is None else counts
       used = np.flatnonzero(c)
       side["token_counts"] = {"ids": used.tolist(), "counts": c[used].tolist()}
-    _atomic_write(self.out / f"{name}.json", _json_bytes(side))
+    _atomic_write(self.out / f"{name}.json", _json_bytes(side, compact=True))
     return side
 
   def _channels(self) -> int:
