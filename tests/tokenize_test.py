@@ -311,3 +311,14 @@ def test_cli_killed_mid_way_then_rerun_gives_byte_identical_output(folder, fsq_p
   assert res["status"] == "done" and len(res["written"]) == 4 - len(done)
   assert files(out) == files(fsq_out)
   assert not list(out.glob(".*"))  # no temporary file left behind
+
+
+def test_reader_works_without_tensorflow(fsq_out):
+  code = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+          "from vidtok_jax.data.tokens import iterate_batches\n"
+          f"b = next(iterate_batches({str(fsq_out)!r}, 2, process_index=0, process_count=1))\n"
+          "print(b['tokens'].shape, b['tokens'].dtype)")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.split() == ["(2,", "3,", "4,", "4)", "uint16"], p.stdout
