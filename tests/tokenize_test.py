@@ -160,7 +160,8 @@ def test_rate_figures_and_lossless_entropy_coding(fsq_out):
   p = counts[counts > 0] / len(ids)
   assert fig["tokens"] == len(ids) and fig["codes_used"] == len(p)
   np.testing.assert_allclose(fig["entropy_bits_per_token"], -(p * np.log2(p)).sum(), rtol=1e-12)
-  assert fig["raw_bpp"] == pytest.approx(len(ids) * 12 / (m["counts"]["records"] * FRAMES * SIZE**2))
+  pixels = m["counts"]["records"] * FRAMES * SIZE**2
+  assert fig["raw_bpp"] == pytest.approx(len(ids) * 12 / pixels)
   assert 0 < fig["coded_bpp"] <= fig["raw_bpp"]
   words = rate.entropy_code(ids, counts)
   np.testing.assert_array_equal(rate.entropy_decode(words, counts, len(ids)), ids)
@@ -179,7 +180,8 @@ def test_rate_module_round_trip_on_a_skewed_stream():
   ids = np.random.default_rng(0).zipf(1.5, 20000) % 262144
   fig = rate.dataset_rate(ids, 262144, 20000 * 16)  # verifies the decode itself
   assert fig["coded_bits"] <= 20000 * 18
-  assert fig["entropy_bits_per_token"] <= fig["coded_bits_per_token"] < fig["entropy_bits_per_token"] + 0.05
+  h = fig["entropy_bits_per_token"]
+  assert h <= fig["coded_bits_per_token"] < h + 0.05
   assert rate.dataset_rate(np.full(7, 3), 16, 70)["coded_bits"] == 0  # one code: no bits
   with pytest.raises(ValueError, match="token ids must be in"):
     rate.token_counts(np.array([16]), 16)
@@ -204,6 +206,20 @@ def test_kl_latents_logvar_and_stats(folder, kl_out):
   np.testing.assert_allclose(stats["mean"], lat.mean(0), rtol=1e-10)
   np.testing.assert_allclose(stats["std"], lat.std(0), rtol=1e-10)
   assert stats["num_values"] == lat.size
+
+
+def test_kl_bfloat16_records_are_the_float32_latents_rounded(folder, kl_out, tmp_path):
+  cfg, params, out = kl_out
+  one = [i for i in items(folder) if i.path == "b.mp4"]
+  TokenizeJob(cfg, params, tmp_path / "bf16", store="mean_logvar", dtype="bfloat16",
+              batch_size=2).run(one, progress=False)
+  got = token_data.TokenDataset(tmp_path / "bf16")[0]
+  want = next(r for r in (token_data.TokenDataset(out)[i]
+                          for i in range(len(token_data.TokenDataset(out))))
+              if r["path"] == "b.mp4")
+  assert got["latent"].dtype.name == "bfloat16" and got["logvar"].dtype.name == "bfloat16"
+  np.testing.assert_array_equal(got["latent"].astype(np.float32),
+                                want["latent"].astype(got["latent"].dtype).astype(np.float32))
 
 
 def test_reader_batches_resume_by_step_split_by_host_and_normalise(kl_out):
@@ -293,7 +309,8 @@ def test_cli_killed_mid_way_then_rerun_gives_byte_identical_output(folder, fsq_p
   c.save(ckpt, jax.tree.map(np.asarray, fsq_params))
   c.wait_until_finished()
   out = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "vidtok_jax.tokenize", f"--config={REPO}/configs/vidtok.py:{FSQ},tiny",
+  cmd = [sys.executable, "-m", "vidtok_jax.tokenize",
+         f"--config={REPO}/configs/vidtok.py:{FSQ},tiny",
          f"--checkpoint={ckpt}", f"--data_dir={folder}", f"--size={SIZE}",
          f"--num_frames={FRAMES}", f"--sample_fps={FPS}", f"--out={out}",
          "--videos_per_shard=1", "--noprogress"]

@@ -29,7 +29,8 @@ MAGIC = b"VTR1"
 FORMAT = "vidtok_jax.tokens/1"
 
 
-def _dtype(name: str):
+def array_dtype(name: str) -> np.dtype:
+  """numpy dtype of a dtype name (bfloat16 from ml_dtypes)."""
   if name == "bfloat16":
     import ml_dtypes
 
@@ -53,7 +54,7 @@ def decode_record(data: bytes) -> dict:
   header = json.loads(data[8:8 + n])
   out, pos = dict(header["meta"]), 8 + n
   for name, dtype, shape in header["arrays"]:
-    dt = _dtype(dtype)
+    dt = array_dtype(dtype)
     size = dt.itemsize * math.prod(shape)
     out[name] = np.frombuffer(data, dt, math.prod(shape), pos).reshape(shape)
     pos += size

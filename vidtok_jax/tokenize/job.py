@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -322,7 +323,7 @@ class TokenizeJob:
   def _cast(self, arrays: dict) -> dict:
     if self.fsq:
       return {"tokens": arrays["tokens"].astype(token_dtype(self.codebook_size))}
-    return {n: v.astype(token_format._dtype(self.dtype)) for n, v in arrays.items()}  # pylint: disable=protected-access
+    return {n: v.astype(token_format.array_dtype(self.dtype)) for n, v in arrays.items()}
 
   # -- one shard ------------------------------------------------------------------------------
 
@@ -377,7 +378,8 @@ class TokenizeJob:
         os.replace(tmp, os.fspath(final))
       else:
         part = self.out / f".{name}.{_tmp_suffix()}"
-        epath.Path(tmp).copy(part, overwrite=True)
+        with open(tmp, "rb") as src, part.open("wb") as dst:  # local -> remote, streamed
+          shutil.copyfileobj(src, dst, 1 << 24)
         part.replace(final)
     finally:
       if os.path.exists(tmp):
@@ -587,7 +589,8 @@ def _rate(out, job, sides, verify: bool) -> dict:
     if "://" in out.as_posix():  # the reader opens local files only
       tmpdir = tempfile.mkdtemp(prefix="vidtok_rate_")
       path = epath.Path(tmpdir) / s["name"]
-      (out / s["name"]).copy(path)
+      with (out / s["name"]).open("rb") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
     r = ArrayRecordReader(os.fspath(path))
     ids = np.concatenate([token_format.decode_record(d)["tokens"].reshape(-1)
                           for d in r.read_all()]).astype(np.int64)
