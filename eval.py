@@ -44,6 +44,8 @@ flags.DEFINE_string("i3d_weights", None, "I3D weight file (default: $VIDTOK_I3D_
 flags.DEFINE_bool("sample_posterior", True, "KL models: sample the latent (official eval).")
 flags.DEFINE_bool("score_padded_frames", True, "Score the repeated frames padding the last "
                   "window (official).")
+flags.DEFINE_bool("rate", True, "FSQ models: token-rate figures (codebook use, entropy, raw and "
+                  "ANS-coded bits per pixel; one more encoding pass).")
 flags.DEFINE_string("output", "results.json", "JSON file for the results.")
 
 
@@ -90,12 +92,19 @@ def main(argv):
     videos = evaluation.tfds_videos(FLAGS.tfds_name, FLAGS.split, FLAGS.tfds_data_dir,
                                     config.data.eval_sample_fps)
     data = {"tfds_name": FLAGS.tfds_name, "split": FLAGS.split}
-  if FLAGS.max_videos:
-    videos = list(videos)[:FLAGS.max_videos]
+  videos = list(videos)[:FLAGS.max_videos or None]
   result = ev.run(videos)
+  if FLAGS.rate and config.model.regularizer == "fsq":
+    from vidtok_jax.metrics.rate import format_rate
+    from vidtok_jax.tokenize import TokenizeJob
+
+    job = TokenizeJob(config, params, None, mode=FLAGS.mode, batch_size=FLAGS.batch_size)
+    result["rate"] = job.rate_of(videos, progress=True)
   result["protocol"].update(data, checkpoint=os.path.abspath(source),
                             checkpoint_kind=kind, use_ema=FLAGS.use_ema)
   print(evaluation.format_table(result))
+  if result.get("rate"):
+    print("rate: " + format_rate(result["rate"]))
   print(json.dumps({"protocol": result["protocol"]}, indent=1, default=str))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   with open(FLAGS.output, "w") as f:
