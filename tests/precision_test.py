@@ -84,3 +84,12 @@ def test_bf16_step_has_no_highest_convs_and_keeps_float32_state():
   # The float32 default keeps exact ("highest") convs: the check above can fail.
   _, precisions32, _ = _conv_precisions(tiny(dtype="float32"))
   assert sum("HIGHEST" in p for p in precisions32) > 0.5 * len(precisions32)
+
+
+def test_compilation_cache_setting():
+  from vidtok_jax.compile_cache import cache_dir
+
+  assert configs.get_config("kl_causal_488_4chn").compilation_cache_dir == "auto"
+  assert cache_dir("auto", "runs/x") == "runs/x/xla_cache"  # on by default, under the workdir
+  assert cache_dir("/tmp/c", "runs/x") == "/tmp/c"
+  assert cache_dir("", "runs/x") is None and cache_dir("off", "runs/x") is None

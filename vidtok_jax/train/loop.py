@@ -252,9 +252,10 @@ def train_and_evaluate(config, workdir: str):
   with compile_cache.Watch() as watch:
     step_fn = step_fn.lower(state, batch).compile()
   dt = time.monotonic() - t0
-  log.info("train step: %s in %.1f s", {"cache": "loaded from the compilation cache",
-                                         "compiled": "compiled (now cached)",
-                                         "uncached": "compiled"}[watch.source], dt)
+  log.info({"cache": "train step loaded from the compilation cache in %.1f s (not compiled "
+                     "again)",
+            "compiled": "compiled the train step in %.1f s (now in the compilation cache)",
+            "uncached": "compiled the train step in %.1f s"}[watch.source], dt)
   writer.write_scalars(start, {"perf/compile_seconds": dt,
                                "perf/compile_cache_hit": float(watch.source == "cache")})
 
