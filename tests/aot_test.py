@@ -97,7 +97,9 @@ def _tpu_python():
 @pytest.mark.skipif(_tpu_python() is None, reason="no libtpu (pip install -e .[tpu])")
 def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
   out = tmp_path / "tpu.json"
-  env = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1")
+  # libtpu locks /tmp/libtpu_lockfile: let a background --topology compile run beside the test
+  env = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.bench", *TINY, "--topology=v5e:2x2",
                       "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}"],
                      capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)

@@ -137,6 +137,7 @@ def plan_train_step(cfg, devices, backend: str, chip: Optional[dict] = None,
   of `shape` `(B, T, H, W, 3)` (default: the config's data shape) and returns its record."""
   from vidtok_jax.compile_options import compiler_options
   from vidtok_jax.train import mesh as mesh_lib
+  from vidtok_jax.train import state as state_lib
   from vidtok_jax.train import step as step_lib
 
   n = len(devices)
@@ -160,7 +161,8 @@ def plan_train_step(cfg, devices, backend: str, chip: Optional[dict] = None,
   batch_devices = n // mesh.shape.get("space", 1)
   rec = dict(devices=n, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
              shape=list(shape), clips_per_chip=shape[0] / batch_devices,
-             dtype=cfg.train.dtype, precision=cfg.model.precision, remat=cfg.model.remat,
+             dtype=cfg.train.dtype, precision=state_lib.model_config(cfg, backend).precision,
+             remat=cfg.model.remat,
              lpips=cfg.loss.perceptual_weight > 0, lower_s=lower_s, compile_s=compile_s)
   rec.update(report(compiled, chip))
   return rec

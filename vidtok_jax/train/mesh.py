@@ -30,6 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vidtok_jax.sharding import height_sharding, height_spec  # noqa: F401  (re-exported)
+
 # Leaves smaller than this (elements) stay replicated under FSDP: biases, norms, scalars and
 # small kernels cost more in collectives than they save in memory.
 FSDP_MIN_SIZE = 2**16
@@ -104,26 +106,6 @@ def check_mesh_config(config, n_devices: int) -> None:
 
 def batch_axes(mesh: Mesh, space: str = "space") -> tuple:
   return tuple(a for a in mesh.axis_names if a != space)
-
-
-def height_spec(mesh: Mesh, shape, batch=(), space: Optional[str] = None, height_dim: int = 2):
-  """A PartitionSpec for `shape`: dim 0 over `batch` axes, `height_dim` over `space` (default:
-  the mesh's "space" axis, or its only axis) when the split divides it, else replicated there."""
-  if space is None:
-    space = "space" if "space" in mesh.axis_names else (
-        mesh.axis_names[0] if len(mesh.axis_names) == 1 and not batch else None)
-  spec = [None] * len(shape)
-  if batch:
-    spec[0] = tuple(batch)
-  if space is not None and shape[height_dim] % mesh.shape[space] == 0:
-    spec[height_dim] = space
-  return P(*spec)
-
-
-def height_sharding(mesh: Mesh, shape, batch=(), space: Optional[str] = None,
-                    height_dim: int = 2) -> NamedSharding:
-  """`NamedSharding` of `height_spec`: training batches and streamed chunks alike."""
-  return NamedSharding(mesh, height_spec(mesh, shape, batch, space, height_dim))
 
 
 def constrain_height(x, mesh: Optional[Mesh], height_dim: int = 2):
