@@ -77,6 +77,7 @@ for variant, frames, meshes in CASES:
     shards = sorted({s.data.shape[2] for s in jax.device_put(x[0], bsh).addressable_shards})
     out[f"{variant} {spec}"] = dict(err=err, steps=int(st.step), shards=shards,
                                     collectives=aot.collectives(compiled.as_text()))
+    print("CASE", variant, spec, json.dumps(out[f"{variant} {spec}"]), flush=True)
 print("RESULT" + json.dumps(out))
 """
 
@@ -114,7 +115,7 @@ def spatial_run(request):
 
 
 def test_space_axis_equals_one_device(spatial_run):
-  out, _ = spatial_run.communicate(timeout=1500)
+  out, _ = spatial_run.communicate(timeout=2400)
   assert spatial_run.returncode == 0, out[-6000:]
   res = json.loads(out.split("RESULT")[-1])
   assert set(res) == {f"{v} {m}" for v, _, ms in CASES for m in ms}
