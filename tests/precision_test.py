@@ -43,7 +43,9 @@ def test_this_backend_resolves_at_start_up():
   cfg = resolve_config(tiny())
   want = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   assert cfg.train.requested_dtype == "auto" and cfg.train.dtype == want
-  assert cfg.model.dtype == want and cfg.train.precision == cfg.model.precision
+  assert cfg.model.dtype == "float32" and cfg.model.precision == "highest"  # saved as given
+  mc = train.model_config(cfg)
+  assert mc.dtype == want and mc.precision == cfg.train.precision
 
 
 @pytest.mark.parametrize("precision,dtype,want", [

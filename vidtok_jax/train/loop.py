@@ -108,15 +108,15 @@ def _init_state(config, shardings, lpips_params):
 
 def resolve_precision(config):
   """A copy of `config` with `train.dtype` ("auto": bf16 on GPU/TPU, float32 on CPU) and
-  `train.precision` resolved for this backend, the model's precision field set to match and
-  the requested dtype kept as `train.requested_dtype`."""
+  `train.precision` resolved for this backend, the requested dtype kept as
+  `train.requested_dtype`. `config.model` (saved with checkpoints, read by inference) keeps its
+  own float32 fields; `state.model_config` applies the training ones."""
   config = config.copy_and_resolve_references()
-  dtype = precision_lib.resolve_dtype(config.train.dtype)
   with config.unlocked():
-    config.model = state_lib.model_config(config)
+    resolved = state_lib.model_config(config)
     config.train.requested_dtype = config.train.dtype
-    config.train.dtype = dtype
-    config.train.precision = config.model.precision
+    config.train.dtype = resolved.dtype
+    config.train.precision = resolved.precision
   return config
 
 
@@ -214,7 +214,7 @@ def train_and_evaluate(config, workdir: str):
            jax.devices()[0].platform, dict(mesh.shape))
   log.info("precision: %s compute (config.train.dtype=%s), conv/matmul precision %s; params, "
            "optimizer state, norm statistics and loss reductions float32",
-           config.train.dtype, config.train.requested_dtype, config.model.precision)
+           config.train.dtype, config.train.requested_dtype, config.train.precision)
   log.info("compilation cache: %s", cache or "off")
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
                                keep_best=config.keep_best if config.eval_clips else 0,
