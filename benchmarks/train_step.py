@@ -1,8 +1,8 @@
 """Throughput of the full jitted VidTok GAN train step (`vidtok_jax.train.make_train_step`).
 
     python benchmarks/train_step.py [--config kl_causal_488_4chn] [--batch 4,16] \
-        [--dtype float32,bfloat16] [--frames 17] [--size 128] [--repeats 10] [--warmup 2] \
-        [--lpips real|random|off|auto] [--json results.json]
+        [--dtype auto,float32,bfloat16] [--precision auto|tf32|highest] [--frames 17] \
+        [--size 128] [--repeats 10] [--warmup 2] [--lpips real|random|off|auto] [--json F]
 
 One run = one (config, per-device batch, dtype) point on ONE device (`jax.local_devices()[0]`,
 no sharding): the state is built from numpy-random params of the right shapes (no `init`
@@ -133,10 +133,15 @@ def run_point(a, checkpoint=lambda rec: None):
   import vidtok_jax
   from vidtok_jax import train
 
-  rec = {"config": a.config, "dtype": a.dtype, **device_info()}
+  from vidtok_jax.precision import resolve_dtype
+
+  a.dtype = resolve_dtype(a.dtype)  # "auto": bf16 on GPU/TPU, float32 on CPU
+  rec = {"config": a.config, "dtype": a.dtype, "precision": a.precision, **device_info()}
   configs = load_configs_module()
   cfg = configs.get_config(a.config)
   cfg.train.dtype = a.dtype
+  cfg.train.precision = a.precision
+  rec["model_precision"] = train.model_config(cfg).precision
   if a.lpips == "off":
     cfg.loss.perceptual_weight = 0.0
   batch = a.batch or cfg.data.global_batch_size
@@ -288,6 +293,8 @@ def point_argv(a, config, batch, dtype, json_out, sync=None):
       str(a.warmup),
       "--lpips",
       a.lpips,
+      "--precision",
+      a.precision,
       "--json",
       json_out,
   ]
@@ -447,7 +454,12 @@ def parse_args(argv=None):
   )
   p.add_argument("--frames", type=int, default=None, help="clip frames (default: config)")
   p.add_argument("--size", type=int, default=None, help="clip height = width (default: config)")
-  p.add_argument("--dtype", default="float32", help="float32|bfloat16, comma list")
+  p.add_argument("--dtype", default="float32",
+                 help="auto|float32|bfloat16, comma list (auto: bf16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--precision", default="auto",
+                 choices=("auto", "default", "high", "highest", "tf32"),
+                 help="conv/matmul precision (config.train.precision); auto: backend default "
+                      "with bf16, highest with float32; tf32: float32 on TF32 tensor cores")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--lpips", choices=("real", "random", "off", "auto"), default="auto")
@@ -492,8 +504,8 @@ def parse_args(argv=None):
   a.batches = [int(b) for b in a.batch.split(",") if b.strip()] or [0]
   a.dtypes = [d.strip() for d in a.dtype.split(",") if d.strip()]
   for d in a.dtypes:
-    if d not in ("float32", "bfloat16"):
-      p.error(f"--dtype must be float32 or bfloat16, got {d!r}")
+    if d not in ("auto", "float32", "bfloat16"):
+      p.error(f"--dtype must be auto, float32 or bfloat16, got {d!r}")
   return a
 
 

@@ -87,7 +87,9 @@ def loop_config(config, stage: int, tiny: bool):
   config.keep_last = 3  # newest checkpoints kept ...
   config.keep_best = 1  # ... plus the best by eval PSNR (needs eval at checkpoint steps)
   config.async_checkpointing = True
-  config.compilation_cache_dir = ""  # persistent XLA cache (restarts skip recompiling); "" = off
+  # Persistent XLA compilation cache, so a restarted or preempted run does not compile again:
+  # "auto" = WORKDIR/xla_cache, a path, or "" / "off" to turn it off.
+  config.compilation_cache_dir = "auto"
   config.profile_steps = 0  # >0: a profiler trace of this many steps after the first log
 
 
@@ -106,9 +108,14 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
   # None: no EMA (official configs comment `ema_decay: 0.999` out). A float enables LitEma:
   # decay_n = min(ema_decay, (1 + n) / (10 + n)) with n = number of EMA updates so far.
   t.ema_decay = config_dict.placeholder(float)
-  # "float32", or "bfloat16": bf16 compute (model and discriminator) with float32 params,
-  # float32 regularizer/FSQ and loss reductions (official: bf16-mixed autocast).
-  t.dtype = "float32"
+  # Compute dtype: "auto" (bf16 on GPU/TPU, float32 on CPU; resolved at start-up), "float32",
+  # or "bfloat16": bf16 compute (model, LPIPS backbone, discriminator) with float32 params,
+  # optimizer state, norm statistics, regularizer/FSQ and loss reductions (official: bf16-mixed).
+  t.dtype = "auto"
+  # Conv/matmul precision (vidtok_jax.precision): "auto" = the backend default with bf16, the
+  # model's "highest" (exact) with float32; "tf32" = float32 with TF32 convs on A100/H100
+  # (PyTorch's cuDNN default); or "default" / "high" / "highest".
+  t.precision = "auto"
   t.fix_encoder = stage == 2  # stage 2: decoder-only fine-tuning on a frozen encoder
   # Params to start from: a stage-1 workdir / checkpoints dir, a `convert to-flax` folder or an
   # official .ckpt / .safetensors. Stage 2 requires it; ignored when the workdir has a checkpoint.
@@ -120,6 +127,9 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
   t.mesh.fsdp = False  # add an "fsdp" axis and shard the big kernels / Adam moments over it
   t.mesh.fsdp_axis = "fsdp"
   t.mesh.fsdp_size = 0  # devices on the fsdp axis; 0 = all devices of one process
+  # Devices that split every activation's height (a last "space" mesh axis, inside one host);
+  # the global batch must divide by the rest (data x fsdp). 1 = off. README "Scaling out".
+  t.mesh.space = 1
   return t
 
 

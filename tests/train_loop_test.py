@@ -130,6 +130,8 @@ def test_sigkill_and_restart_is_bitwise_identical(env, straight):
   assert max(steps_on_disk(workdir)) < TOTAL  # really killed mid-run
   p = run(command(env, workdir))  # the same command resumes
   assert "resumed from the checkpoint of step" in p.stderr
+  # The restart loads its train step from the persistent compilation cache.
+  assert "train step loaded from the compilation cache" in p.stderr, p.stderr[-3000:]
   assert_bitwise(load_state(straight[0], TOTAL), load_state(workdir, TOTAL))
 
 

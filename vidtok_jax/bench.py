@@ -23,6 +23,18 @@ off), so peaks are per op. FLOPs come from XLA's cost analysis of the lowered (d
 program, so convolutions count on every backend; utilisation is against the device's dense peak
 for the compute dtype where the device is known (`--peak_tflops` otherwise).
 
+`--topology v5p:4x4x4` (with `--ops train_step`): compiles the train step ahead of time for
+that TPU slice from this machine (needs libtpu: `pip install -e .[tpu]`), with the project's
+mesh (`--mesh data=16,space=4`) and shardings, and reports per chip: HBM needed (arguments,
+outputs, temporaries, aliasing) against the chip's HBM, XLA's TPU cost analysis, a roofline
+step time and the compiled collectives (`vidtok_jax.aot`); nothing runs. `--topology cpu` does
+the same for this host's devices. With `--topology`, `--fit 17x128,17x256` finds for each
+topology (comma list) x `--fit_remats` the largest per-chip batch of those clips that fits
+(batches 1 and 2 compiled, the rest predicted linearly, the prediction confirmed by a compile).
+
+`--dtype auto` is the training default: bf16 compute on GPU/TPU, float32 on CPU; `--precision`
+(auto: backend default with bf16, "highest" with float32; tf32, default, high, highest).
+
 `--fit 16,80`: for each dtype x remat setting, the largest clip (from `--fit_clips`) whose train
 step at batch 1 fits each memory budget, from XLA's memory analysis of the compiled step
 (arguments + outputs + temporaries - aliased donations): an estimate, compiled for this backend.
@@ -77,7 +89,7 @@ def reset_peak_rss():
 
 
 def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, frames: int,
-                 size: int):
+                 size: int, precision: str = "auto", lpips: bool = True):
   """The repo's training config (`configs/vidtok.py`) of `variant` with the bench's overrides."""
   import importlib.util
 
@@ -92,6 +104,9 @@ def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, fr
 
   cfg.model = vidtok_jax.load_config(variant, **model_overrides)
   cfg.train.dtype = dtype
+  cfg.train.precision = precision
+  if not lpips:
+    cfg.loss.perceptual_weight = 0.0
   cfg.data.global_batch_size, cfg.data.num_frames, cfg.data.size = batch, frames, size
   return cfg
 
@@ -124,13 +139,18 @@ def build(op: str, a):
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
 
+  from vidtok_jax.precision import resolve_precision
+
   b, t, h, w = a.shape
-  overrides = dict(a.overrides, remat=a.remat, dtype=a.dtype)
+  overrides = dict(a.overrides, remat=a.remat, dtype=a.dtype,
+                   precision=resolve_precision(a.precision, a.dtype,
+                                               a.overrides.get("precision", "highest")))
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, t, h, w, 3)).astype(np.float32))
   if op == "train_step":
     from vidtok_jax import train
 
-    cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h)
+    cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h,
+                       a.precision, a.lpips)
     params = random_params(vidtok_jax.abstract_params(cfg.model), seed=0)
     lp = random_lpips_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
     state = train.create_train_state(cfg, jax.random.key(0), params, lpips_params=lp)
@@ -182,7 +202,8 @@ def run_op(op: str, a) -> dict:
   from vidtok_jax.compile_options import compiler_options
 
   dev = jax.devices()[0]
-  rec = dict(op=op, config=a.config, shape=list(a.shape), dtype=a.dtype, remat=a.remat,
+  rec = dict(op=op, config=a.config, shape=list(a.shape), dtype=a.dtype,
+             precision=a.precision, remat=a.remat,
              overrides=a.overrides, device=dev.device_kind, platform=dev.platform,
              jax=jax.__version__)
   if op == "fwd_bwd":
@@ -312,13 +333,78 @@ def build_abstract(a):
   from vidtok_jax import train
 
   b, t, h, _ = a.shape
-  cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h)
+  cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h,
+                     a.precision, a.lpips)
   lp = lpips_abstract_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
   state = jax.eval_shape(
       lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
       vidtok_jax.abstract_params(cfg.model), lp)
   batch = {"video": jax.ShapeDtypeStruct((b, t, h, h, 3), jnp.float32)}
   return train.make_train_step(cfg), (state, batch), b, t
+
+
+def topology_main(a):
+  """`--topology`: ahead-of-time train-step plans (or `--fit` searches) for a device slice."""
+  import jax
+
+  from vidtok_jax import aot
+  from vidtok_jax.precision import resolve_dtype
+
+  if a.op_list != ["train_step"] and not a.fit:
+    raise SystemExit("--topology compiles the train step: use --ops train_step")
+  records = []
+  for topo in a.topology.split(","):
+    if topo == "cpu":
+      devices, backend, chip = jax.devices(), "cpu", None
+    else:
+      devices, backend, chip = aot.topology_devices(topo), "tpu", aot.chip_of(topo)
+    dtype = resolve_dtype(a.dtype, backend)
+    sizes = aot.parse_mesh(a.mesh, len(devices))
+
+    def make_cfg(batch, t=a.shape[1], s=a.shape[2], remat=a.remat):
+      cfg = train_config(a.config, {**a.overrides, "remat": remat}, dtype, batch, t, s,
+                         a.precision, a.lpips)
+      return aot.apply_mesh(cfg, sizes)
+
+    if a.fit:
+      for clip in a.fit.split(","):
+        t, s = (int(v) for v in clip.split("x"))
+        for remat in a.fit_remats.split(","):
+          print(f"-- fit {topo} {clip} {dtype} remat={remat}", flush=True)
+          row = aot.fit_batch(lambda b: make_cfg(b, t, s, remat), devices, backend, chip, t, s,
+                              space=sizes["space"])
+          row.update(topology=topo, dtype=dtype, remat=remat, mesh=sizes)
+          print("   " + json.dumps(row), flush=True)
+          records.append(row)
+      continue
+    print(f"== {a.config} train_step {'x'.join(map(str, a.shape))} {dtype} remat={a.remat} "
+          f"for {topo} ({len(devices)} devices, mesh {sizes})", flush=True)
+    rec = aot.plan_train_step(make_cfg(a.shape[0]), devices, backend, chip,
+                              (*a.shape, 3))
+    rec.update(config=a.config, topology=topo, overrides=a.overrides)
+    print(plan_table(rec), flush=True)
+    records.append(rec)
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(records, indent=1))
+  return records
+
+
+def plan_table(r) -> str:
+  m = r.get("memory_gib", {})
+  lines = [f"per chip ({r['device_kind']}, {r['clips_per_chip']:g} clip(s)/chip, mesh {r['mesh']}):",
+           f"  HBM needed {r.get('hbm_needed_gib', float('nan')):.2f} GiB"
+           + (f" of {r['hbm_gib']:g} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'})"
+              if "hbm_gib" in r else "")
+           + f" = arguments {m.get('arguments', 0):.2f} + outputs {m.get('outputs', 0):.2f} + "
+             f"temporaries {m.get('temporaries', 0):.2f} - aliased {m.get('aliased', 0):.2f}",
+           f"  cost: {r['tflop']:.2f} TFLOP, {r['gb_accessed']:.1f} GB accessed"
+           + (f"; roofline {1e3 * r['roofline_s']:.0f} ms ({r['roofline_bound']}-bound)"
+              if "roofline_s" in r else ""),
+           f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"]
+  for op, c in sorted(r["collectives"].items()):
+    lines.append(f"  {op:18s} x{c['count']:<4d} {c['bytes'] / 2**20:10.2f} MiB "
+                 f"(largest {c['largest'] / 2**20:.2f} MiB)")
+  return "\n".join(lines)
 
 
 def _parse_set(items):
@@ -354,8 +440,21 @@ def parse_args(argv=None):
   p.add_argument("--config", default="vidtok_kl_causal_488_4chn", help="released variant name")
   p.add_argument("--shape", default="1,17,64,64", help="B,T,H,W of the input video")
   p.add_argument("--ops", default="encode,decode,forward,fwd_bwd", help=f"from {', '.join(OPS)}")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype (params stay float32)")
+  p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype (params stay float32); auto: bf16 on GPU/TPU, float32 on "
+                      "CPU (the training default)")
+  p.add_argument("--precision", default="auto",
+                 choices=("auto", "default", "high", "highest", "tf32"),
+                 help="conv/matmul precision; auto: backend default with bf16, highest with "
+                      "float32; tf32: float32 with TF32 tensor cores (A100/H100)")
+  p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
+                 help="train_step: include the LPIPS term (random VGG weights of the right shapes)")
+  p.add_argument("--topology", default=None,
+                 help="train_step ahead of time for a TPU slice, e.g. v5p:4x4x4 (needs libtpu), "
+                      "or 'cpu' (this host's devices): per-chip memory, cost, collectives")
+  p.add_argument("--mesh", default=None,
+                 help="--topology: mesh axes, e.g. data=16,space=4 or data=4,fsdp=2,space=2 "
+                      "(default: data over every device)")
   p.add_argument("--remat", default="none", choices=("none", "convs", "blocks"))
   p.add_argument("--grad", default="auto", choices=("auto", "program", "staged"),
                  help="fwd_bwd as one jitted program, or one program per stage "
@@ -372,7 +471,9 @@ def parse_args(argv=None):
   p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                  help="each op in a fresh subprocess (per-op memory peaks)")
   p.add_argument("--json", default=None, help="write the records here")
-  p.add_argument("--fit", default=None, help="memory budgets in GiB, e.g. 16,80")
+  p.add_argument("--fit", default=None,
+                 help="memory budgets in GiB, e.g. 16,80; with --topology: clips, e.g. "
+                      "17x128,17x256 (per-chip batch search)")
   p.add_argument("--fit_clips", default="17x64,17x128,17x256,33x256,17x512,33x512,65x512")
   p.add_argument("--fit_dtypes", default="float32,bfloat16")
   p.add_argument("--fit_remats", default="none,convs,blocks")
@@ -397,6 +498,11 @@ def main(argv=None):
   import vidtok_jax  # config errors surface before any compile
 
   vidtok_jax.load_config(a.config, **a.overrides)
+  if a.topology:
+    return topology_main(a)
+  from vidtok_jax.precision import resolve_dtype
+
+  a.dtype = resolve_dtype(a.dtype)
   if a._one:
     print("RECORD " + json.dumps(run_op(a._one, a)), flush=True)
     return
@@ -414,7 +520,9 @@ def main(argv=None):
     if a.isolate:
       argv_one = [sys.executable, "-m", "vidtok_jax.bench", f"--_one={op}",
                   f"--config={a.config}", "--shape=" + ",".join(map(str, a.shape)),
-                  f"--dtype={a.dtype}", f"--remat={a.remat}", f"--warmup={a.warmup}",
+                  f"--dtype={a.dtype}", f"--precision={a.precision}",
+                  f"--{'' if a.lpips else 'no-'}lpips", f"--remat={a.remat}",
+                  f"--warmup={a.warmup}",
                   f"--repeats={a.repeats}", f"--grad={a.grad}",
                   f"--residual_budget_mib={a.residual_budget_mib}"] + [f"--set={s}" for s in a.set]
       if a.peak_tflops:

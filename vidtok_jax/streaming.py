@@ -42,6 +42,7 @@ import numpy as np
 from vidtok_jax.config import ModelSpec
 from vidtok_jax.models.autoencoder import VidTok
 from vidtok_jax.models.tiling import chunk_bounds
+from vidtok_jax.sharding import height_sharding
 
 log = logging.getLogger("vidtok_jax.streaming")
 
@@ -161,11 +162,9 @@ class Streamer:
   def _put(self, x):
     if self.mesh is None:
       return jnp.asarray(x)
-    axis = self.mesh.axis_names[0]
-    # Heights the mesh does not divide (small latents) are replicated instead of sharded.
-    split = x.shape[2] % self.mesh.shape[axis] == 0
-    spec = jax.sharding.PartitionSpec(None, None, axis if split else None)
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+    # The training "space" axis's layout; heights the mesh does not divide (small latents) are
+    # replicated instead of sharded.
+    return jax.device_put(x, height_sharding(self.mesh, x.shape, space=self.mesh.axis_names[0]))
 
   # -- one spatial tile -----------------------------------------------------------------------
 

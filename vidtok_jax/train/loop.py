@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
+from vidtok_jax import compile_cache
+from vidtok_jax import precision as precision_lib
 from vidtok_jax.compile_options import compiler_options
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train import mesh as mesh_lib
@@ -60,11 +62,9 @@ def validate_config(config) -> None:
   m = config.train.max_consecutive_nonfinite
   if not isinstance(m, int) or m < 1:
     raise ValueError(f"config.train.max_consecutive_nonfinite: must be a positive int, got {m!r}")
-  if config.train.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.train.dtype: 'float32' or 'bfloat16', got {config.train.dtype!r}")
-  b, n = config.data.global_batch_size, jax.device_count()
-  if b % n:
-    raise ValueError(f"config.data.global_batch_size: {b} is not divisible by the {n} devices")
+  precision_lib.resolve_precision(config.train.get("precision", "auto"),
+                                  precision_lib.resolve_dtype(config.train.dtype))
+  mesh_lib.check_mesh_config(config, jax.device_count())
 
 
 class _PreemptionFlag:
@@ -104,6 +104,20 @@ def _init_state(config, shardings, lpips_params):
   create = jax.jit(lambda rng, p, lp: state_lib.create_train_state(config, rng, p, lp),
                    out_shardings=shardings)
   return create(jax.random.PRNGKey(config.seed), params, lpips_params)
+
+
+def resolve_precision(config):
+  """A copy of `config` with `train.dtype` ("auto": bf16 on GPU/TPU, float32 on CPU) and
+  `train.precision` resolved for this backend, the requested dtype kept as
+  `train.requested_dtype`. `config.model` (saved with checkpoints, read by inference) keeps its
+  own float32 fields; `state.model_config` applies the training ones."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    resolved = state_lib.model_config(config)
+    config.train.requested_dtype = config.train.dtype
+    config.train.dtype = resolved.dtype
+    config.train.precision = resolved.precision
+  return config
 
 
 def _restore_or_init(config, mesh, ckpts, lpips_params):
@@ -191,14 +205,17 @@ def train_and_evaluate(config, workdir: str):
   Raises `NonFiniteError` after too many consecutive non-finite steps.
   """
   validate_config(config)
+  config = resolve_precision(config)
   os.makedirs(workdir, exist_ok=True)
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cache = compile_cache.enable(compile_cache.cache_dir(config.compilation_cache_dir, workdir))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   mesh = mesh_lib.make_mesh(config)
   log.info("%d process(es), %d device(s) (%s), mesh %s", jax.process_count(), jax.device_count(),
            jax.devices()[0].platform, dict(mesh.shape))
+  log.info("precision: %s compute (config.train.dtype=%s), conv/matmul precision %s; params, "
+           "optimizer state, norm statistics and loss reductions float32",
+           config.train.dtype, config.train.requested_dtype, config.train.precision)
+  log.info("compilation cache: %s", cache or "off")
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
                                keep_best=config.keep_best if config.eval_clips else 0,
                                best_metric=BEST_METRIC, best_mode="max",
@@ -226,14 +243,21 @@ def train_and_evaluate(config, workdir: str):
 
   data = make_train_iterator(config, start_step=start)
   batch_sh = mesh_lib.batch_sharding(mesh)
-  step_fn = jax.jit(step_lib.make_train_step(config), in_shardings=(shardings, batch_sh),
+  step_fn = jax.jit(step_lib.make_train_step(config, mesh=mesh),
+                    in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, None), donate_argnums=0,
                     compiler_options=compiler_options())
   batch = mesh_lib.shard_batch(mesh, next(data))
   t0 = time.monotonic()
-  step_fn = step_fn.lower(state, batch).compile()
-  log.info("compiled the train step in %.1f s", time.monotonic() - t0)
-  writer.write_scalars(start, {"perf/compile_seconds": time.monotonic() - t0})
+  with compile_cache.Watch() as watch:
+    step_fn = step_fn.lower(state, batch).compile()
+  dt = time.monotonic() - t0
+  log.info({"cache": "train step loaded from the compilation cache in %.1f s (not compiled "
+                     "again)",
+            "compiled": "compiled the train step in %.1f s (now in the compilation cache)",
+            "uncached": "compiled the train step in %.1f s"}[watch.source], dt)
+  writer.write_scalars(start, {"perf/compile_seconds": dt,
+                               "perf/compile_cache_hit": float(watch.source == "cache")})
 
   eval_set = validation.load_eval_set(config, config.eval_clips)
   eval_fn = validation.make_eval_step(config, mesh) if eval_set is not None else None

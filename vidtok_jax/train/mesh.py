@@ -11,6 +11,16 @@
 The batch axis is split over every mesh axis ("data" and, with FSDP, "fsdp" too), so each device
 sees `global_batch / n_devices` clips. Params, optimizer moments and EMA are replicated, or with
 FSDP their big kernels are split over "fsdp" (XLA inserts the all-gathers / reduce-scatters).
+
+Spatial axis (`config.train.mesh.space = N > 1`): a last mesh axis "space" splits every
+activation's height N ways, so the global batch only has to divide by `data x fsdp` (stage 1,
+batch 16 at 17x128^2, runs on 64 chips as data=16, space=4). The video batch is placed with its
+height split (`batch_sharding`), the train step pins its activations to that layout
+(`constrain_height`) and XLA partitions the convs spatially: each exchanges one-row halos with
+its neighbours (collective-permutes), norms all-reduce their statistics and the per-frame
+attention at the latent level gathers its keys/values (small). The space axis is the fastest
+varying one, so a space group is consecutive devices of one host. Streaming inference
+(`Streamer(mesh=...)`) shards height with the same `height_sharding`.
 """
 
 from typing import Optional, Sequence
@@ -20,29 +30,101 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vidtok_jax.sharding import height_sharding, height_spec  # noqa: F401  (re-exported)
+
 # Leaves smaller than this (elements) stay replicated under FSDP: biases, norms, scalars and
 # small kernels cost more in collectives than they save in memory.
 FSDP_MIN_SIZE = 2**16
+SPACE = "space"  # the mesh axis that splits activation heights
 
 
 def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """`("data",)` over `devices` (default: all), or `("data", "fsdp")` when
-  `config.train.mesh.fsdp` (fsdp size `config.train.mesh.fsdp_size`, 0 = local device count)."""
+  """`("data",)` over `devices` (default: all), plus `"fsdp"` when `config.train.mesh.fsdp`
+  (size `fsdp_size`, 0 = local device count) and a last `"space"` axis when
+  `config.train.mesh.space > 1`. `data` takes the devices left over."""
   mc = config.train.mesh
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if not mc.fsdp:
-    return Mesh(np.asarray(devices).reshape(n), (mc.data_axis,))
-  f = mc.fsdp_size or min(jax.local_device_count(), n)
-  if n % f:
-    raise ValueError(f"config.train.mesh.fsdp_size={f} does not divide the {n} devices")
-  # Consecutive devices (same host first) share an fsdp group: its collectives stay local.
-  return Mesh(np.asarray(devices).reshape(n // f, f), (mc.data_axis, mc.fsdp_axis))
+  space = check_space(config, n)
+  names, shape = [mc.data_axis], [n // space]
+  if mc.fsdp:
+    f = mc.fsdp_size or min(jax.local_device_count(), n) // space
+    if f < 1 or (n // space) % f:
+      raise ValueError(f"config.train.mesh.fsdp_size={f} does not divide the {n // space} "
+                       f"devices of the batch axes ({n} devices / space {space})")
+    names, shape = [mc.data_axis, mc.fsdp_axis], [n // space // f, f]
+  if space > 1:
+    names.append(SPACE)
+    shape.append(space)
+  # Consecutive devices (same host first) share an fsdp group and a space group: their
+  # collectives (halo exchanges every conv) stay local.
+  return Mesh(np.asarray(devices).reshape(shape), tuple(names))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over all mesh axes, the rest replicated."""
-  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+def check_space(config, n_devices: int) -> int:
+  """`config.train.mesh.space`, checked against the devices and every level of the model:
+  ValueError naming the level and its height when the split does not divide it."""
+  space = int(config.train.mesh.get("space", 1) or 1)
+  if space < 1 or n_devices % space:
+    raise ValueError(f"config.train.mesh.space={space} does not divide the {n_devices} devices")
+  if space == 1:
+    return 1
+  if jax.process_count() > 1 and jax.local_device_count() % space:
+    raise ValueError(f"config.train.mesh.space={space} must divide the {jax.local_device_count()} "
+                     "devices of each host (a space group stays inside one host)")
+  for what, h in level_heights(config):
+    if h % space:
+      raise ValueError(f"config.train.mesh.space={space} does not divide the height {h} of "
+                       f"{what}; use a space size that divides every level's height")
+  return space
+
+
+def level_heights(config):
+  """`[(level name, height)]` of the autoencoder's activations at the training size."""
+  from vidtok_jax.config import ModelSpec
+
+  spec = ModelSpec.from_config(config.model)
+  size = config.data.size
+  h = size[0] if isinstance(size, (tuple, list)) else int(size)
+  out = []
+  for i in range(len(spec.ch_mult)):
+    out.append((f"encoder level {i} (down.{i})", h))
+    if i in spec.spatial_ds:
+      h //= 2
+  return out  # the last level is the latent's (mid blocks, attention)
+
+
+def check_mesh_config(config, n_devices: int) -> None:
+  """ValueErrors for a mesh the config cannot use: `space` (see `check_space`) and a global
+  batch not divisible by the batch axes (`data x fsdp` = devices / space)."""
+  space = check_space(config, n_devices)
+  b, n = config.data.global_batch_size, n_devices // space
+  if b % n:
+    raise ValueError(f"config.data.global_batch_size: {b} is not divisible by data x fsdp = {n} "
+                     f"({n_devices} devices / config.train.mesh.space={space})")
+
+
+def batch_axes(mesh: Mesh, space: str = "space") -> tuple:
+  return tuple(a for a in mesh.axis_names if a != space)
+
+
+def constrain_height(x, mesh: Optional[Mesh], height_dim: int = 2):
+  """Pins `x` (batch first) to the batch x height layout of `mesh` inside a jitted function;
+  unchanged without a mesh or a "space" axis."""
+  if mesh is None or "space" not in mesh.axis_names:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, height_sharding(mesh, x.shape, batch_axes(mesh), "space", height_dim))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 5) -> NamedSharding:
+  """Leading (batch) axis split over the batch axes (all but "space"); with a "space" axis the
+  height (axis 2 of a `(B, T, H, W, C)` video) over it; the rest replicated."""
+  if "space" not in mesh.axis_names or ndim < 3:
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+  spec = [batch_axes(mesh)] + [None] * (ndim - 1)
+  spec[2] = "space"
+  return NamedSharding(mesh, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -83,8 +165,11 @@ def state_shardings(mesh: Mesh, abstract_state, fsdp: bool = False, fsdp_axis: s
 
 
 def shard_batch(mesh: Mesh, local_batch):
-  """This process's rows of the batch (numpy, `(B_local, ...)`) -> global `jax.Array`s of
-  `(B_local * process_count, ...)` sharded by `batch_sharding(mesh)`."""
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
-                      local_batch)
+  """This process's rows of the batch (numpy, `(B_local, ...)`, whole frames) -> global
+  `jax.Array`s of `(B_local * process_count, ...)` sharded by `batch_sharding(mesh)`. A space
+  group lies inside one host, so each process reads only the rows of its own devices."""
+  def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, a.ndim), a)
+
+  return jax.tree.map(put, local_batch)

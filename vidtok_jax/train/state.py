@@ -31,6 +31,7 @@ import optax
 
 import vidtok_jax
 from vidtok_jax import losses
+from vidtok_jax import precision as precision_lib
 from vidtok_jax.models.discriminator import NLayerDiscriminator, NLayerDiscriminator3D
 
 # Top-level VidTok param subtrees frozen by `fix_encoder` ("regularization" holds the FSQ
@@ -55,26 +56,35 @@ class TrainState:
   lpips_params: Any = None
 
 
-def model_config(config) -> ml_collections.ConfigDict:
-  """`config.model` with the compute dtype of `config.train.dtype` (params stay float32)."""
+def model_config(config, backend=None) -> ml_collections.ConfigDict:
+  """`config.model` with the compute dtype and precision of `config.train` (`"auto"` resolved
+  for `backend`, default JAX's; params stay float32)."""
   mc = config.model.copy_and_resolve_references()
-  if config.train.dtype != "float32":
-    mc.unlock()
-    mc.dtype = config.train.dtype
+  dtype = train_dtype(config, backend)
+  mc.unlock()
+  if dtype != "float32":
+    mc.dtype = dtype
+  mc.precision = precision_lib.resolve_precision(config.train.get("precision", "auto"), dtype,
+                                                 mc.precision)
   return mc
 
 
-def compute_dtype(config):
-  return jnp.dtype(config.train.dtype)
+def train_dtype(config, backend=None) -> str:
+  """`config.train.dtype` resolved: "float32" or "bfloat16" ("auto": bf16 on GPU/TPU)."""
+  return precision_lib.resolve_dtype(config.train.dtype, backend)
 
 
-def make_discriminator(config) -> nn.Module:
+def compute_dtype(config, backend=None):
+  return jnp.dtype(train_dtype(config, backend))
+
+
+def make_discriminator(config, backend=None) -> nn.Module:
   """The PatchGAN of `config.loss` (2-D on frames or 3-D on clips), in the compute dtype."""
   lc = config.loss
   cls = {"2d": NLayerDiscriminator, "3d": NLayerDiscriminator3D}.get(lc.disc_type)
   if cls is None:
     raise ValueError(f"config.loss.disc_type must be '2d' or '3d', got {lc.disc_type!r}")
-  return cls(ndf=lc.disc_ndf, n_layers=lc.disc_layers, dtype=compute_dtype(config))
+  return cls(ndf=lc.disc_ndf, n_layers=lc.disc_layers, dtype=compute_dtype(config, backend))
 
 
 def g_param_labels(g_params, fix_encoder: bool):

@@ -24,6 +24,7 @@ import optax
 
 import vidtok_jax
 from vidtok_jax import losses
+from vidtok_jax.train import mesh as mesh_lib
 from vidtok_jax.train import state as state_lib
 
 sg = jax.lax.stop_gradient
@@ -46,12 +47,15 @@ def _select(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def make_train_step(config, lpips_params=None):
+def make_train_step(config, lpips_params=None, mesh=None):
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for `config`.
 
   `batch`: `{"video": (B, T, H, W, 3) float}` (or the array itself), B divisible by the data
   axis when sharded. `lpips_params`: a fallback used only when `state.lpips_params` is None; it
   becomes a compile-time constant, so prefer keeping them in the state (`create_train_state`).
+  `mesh`: the training mesh; with a "space" axis (`config.train.mesh.space`) the videos,
+  reconstructions and the LPIPS / discriminator inputs are pinned to the height-split layout
+  (`mesh.constrain_height`), so every activation stays split (XLA exchanges conv halos).
   `metrics`: float32/int32 scalars: every loss term, `d_weight`, `disc_factor` (G) and
   `disc_factor_d`, `logvar`, `g_/d_ grad_norm | param_norm | update_norm`, `finite/<term>`
   (1 = finite), `nonfinite` (1 = update skipped), `nonfinite_streak`, `skipped`.
@@ -74,9 +78,15 @@ def make_train_step(config, lpips_params=None):
   fix_encoder = bool(tc.fix_encoder)
   ema_decay = tc.ema_decay
 
+  def space(v, height_dim=2):  # keep the height split over the mesh's "space" axis
+    return mesh_lib.constrain_height(v, mesh, height_dim)
+
+  def frames(v):  # (B, T, H, W, 3) -> (B*T, H, W, 3), still height-split
+    return space(losses.fold_frames(v), 1)
+
   def disc_input(v):
     # 2-D disc: frames (B*T, H, W, 3); 3-D disc: clips (B, T, H, W, 3).
-    return losses.fold_frames(v) if lc.disc_type == "2d" else v
+    return frames(v) if lc.disc_type == "2d" else space(v)
 
   def forward(model_params, x, i, rng):
     """`(recon (B, T, H, W, 3), weighted reg scalar)`, aux: the regulariser log."""
@@ -84,9 +94,10 @@ def make_train_step(config, lpips_params=None):
                          rngs={"sample": rng})
     if fix_encoder:  # official: encoding under no_grad; XLA drops the encoder backward
       z, aux = sg(z), sg(aux)
-    recon = model.apply({"params": model_params}, z.astype(cdt), method=model.decode)
+    recon = model.apply({"params": model_params}, space(z.astype(cdt)), method=model.decode)
     if trim_to_input:
       recon = recon[:, recon.shape[1] - x.shape[1]:]
+    recon = space(recon)
     reg = losses.regularization_loss(aux, reg_weights)
     aux = {k: jnp.mean(v.astype(jnp.float32)) for k, v in aux.items()
            if k not in ("indices", "mean", "logvar")}
@@ -94,7 +105,7 @@ def make_train_step(config, lpips_params=None):
 
   def train_step(state, batch):
     x = batch["video"] if isinstance(batch, dict) else batch
-    x = jnp.asarray(x, jnp.float32)
+    x = space(jnp.asarray(x, jnp.float32))
     b, t = x.shape[:2]
     i = state.step
     g_step, d_step = 2 * i, 2 * i + 1  # Lightning's doubled counter (quirk 15)
@@ -112,8 +123,8 @@ def make_train_step(config, lpips_params=None):
     def nll_fn(r, lv):
       p = None
       if use_lpips:  # per-frame LPIPS(x, x_rec), dropout active as in official training
-        p = lpips_model.apply({"params": lp}, losses.fold_frames(x),
-                              losses.fold_frames(r).astype(jnp.float32), train=True,
+        p = lpips_model.apply({"params": lp}, frames(x), frames(r).astype(jnp.float32),
+                              train=True,
                               rngs={"dropout": k_lpips}).reshape(b, t)
       return losses.reconstruction_nll(x, r, lv, p, lc.perceptual_weight)
 

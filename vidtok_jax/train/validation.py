@@ -58,6 +58,7 @@ def make_eval_step(config, mesh):
   """
   model = vidtok_jax.VidTok(state_lib.model_config(config))
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  valid_sh = mesh_lib.batch_sharding(mesh, 2)  # (B, T) flags: rows only
 
   def eval_step(params, video, valid):
     _, recon, _ = model.apply({"params": params}, video, False, 0, False)
@@ -66,7 +67,7 @@ def make_eval_step(config, mesh):
     p = psnr(x01, r01)  # (B, T)
     return jnp.sum(p * valid), jnp.sum(valid), x01[0], r01[0]
 
-  return jax.jit(eval_step, in_shardings=(None, batch_sh, batch_sh),
+  return jax.jit(eval_step, in_shardings=(None, batch_sh, valid_sh),
                  out_shardings=(rep, rep, rep, rep))
 
 

@@ -1,0 +1,113 @@
+"""Ahead-of-time train-step plans (`vidtok_jax.aot`, `python -m vidtok_jax.bench --topology`).
+
+The reporting path runs on this host's CPU device (`--topology cpu`); the TPU compile itself
+needs libtpu (`pip install -e .[tpu]`) and runs when this interpreter or a `.venv-tpu` beside
+the repository has it, else it is skipped.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from vidtok_jax import aot, bench
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--config=vidtok_kl_causal_488_4chn", "--ops=train_step", "--set=ch=4",
+        "--set=num_res_blocks=1", "--set=ch_mult=[1,2,2]", "--no-lpips", "--dtype=bfloat16"]
+
+HLO = """
+  %all-gather.3 = f32[1,3,64,8]{3,1,0,2} all-gather(%x), channel_id=32, dimensions={2}
+  %cp = bf16[2,1,32,4]{3,2,1,0} collective-permute(%y), source_target_pairs={{0,1}}
+  %ars = (f32[16]{0}, f32[16]{0}) all-reduce-start(%a, %b), to_apply=%add
+  %ar = (f32[8]{0}, f32[4,4]{1,0}) all-reduce(%c, %d), to_apply=%add
+  %add = f32[16]{0} add(%a, %b)
+"""
+
+
+def test_collectives_are_counted_with_bytes():
+  c = aot.collectives(HLO)
+  assert c["all-gather"] == dict(count=1, bytes=1 * 3 * 64 * 8 * 4, largest=6144)
+  assert c["collective-permute"] == dict(count=1, bytes=2 * 32 * 4 * 2, largest=512)
+  # async start: its largest buffer; a tuple all-reduce: every result
+  assert c["all-reduce"] == dict(count=2, bytes=64 + (8 + 16) * 4, largest=96)
+
+
+def test_mesh_spec_and_chips():
+  assert aot.parse_mesh("data=16,space=4", 64) == dict(data=16, fsdp=1, space=4)
+  assert aot.parse_mesh("space=8", 64) == dict(data=8, fsdp=1, space=8)
+  assert aot.parse_mesh(None, 4) == dict(data=4, fsdp=1, space=1)
+  with pytest.raises(ValueError, match="data x fsdp x space = 32, but the slice has 64"):
+    aot.parse_mesh("data=8,space=4", 64)
+  with pytest.raises(ValueError, match="AXIS=N"):
+    aot.parse_mesh("model=4", 4)
+  assert aot.chip_of("v5p:4x4x4")["hbm_gib"] == 95.0 and aot.chip_of("v5e:2x2")["name"] == "v5e"
+  assert aot.chip_of("v6e:2x2")["bf16_tflops"] == 918.0 and aot.chip_of("cpu") is None
+
+
+def test_fit_extrapolates_and_confirms(monkeypatch):
+  calls = []
+
+  def fake_plan(cfg, devices, backend, chip, shape):
+    per_chip = shape[0] // 4  # 4 batch devices (8 devices, space 2)
+    calls.append(per_chip)
+    return dict(hbm_needed_gib=3.0 + 2.5 * per_chip + (0.5 if per_chip > 2 else 0.0),
+                compile_s=1.0)
+
+  monkeypatch.setattr(aot, "plan_train_step", fake_plan)
+
+  class Cfg:  # what fit_batch reads of the config
+    class model:
+      remat = "none"
+
+  row = aot.fit_batch(lambda b: Cfg, list(range(8)), "tpu", aot.chip_of("v5e:2x2"), 17, 128,
+                      space=2, log=lambda *_: None)
+  # 3 + 2.5 b <= 16 predicts 5; compiled 5 needs 16.0 GiB: fits, confirmed by that compile.
+  assert row["predicted_max"] == 5 and row["max_clips_per_chip"] == 5
+  assert row["confirmed_by_compile"] and calls == [1, 2, 5]
+  assert row["fixed_gib"] == pytest.approx(3.0) and row["per_clip_gib"] == pytest.approx(2.5)
+
+
+def test_topology_report_on_this_host(tmp_path):
+  out = tmp_path / "plan.json"
+  bench.main(TINY + ["--topology=cpu", "--shape=1,9,32,32", f"--json={out}"])
+  (rec,) = json.loads(out.read_text())
+  assert rec["topology"] == "cpu" and rec["devices"] == 1 and rec["clips_per_chip"] == 1
+  assert rec["dtype"] == "bfloat16" and rec["precision"] == "default" and not rec["lpips"]
+  m = rec["memory_gib"]
+  assert rec["hbm_needed_gib"] == pytest.approx(m["arguments"] + m["outputs"] +
+                                                m["temporaries"] - m["aliased"])
+  assert m["temporaries"] > 0 and rec["tflop"] > 0 and rec["compile_s"] > 0
+  assert rec["collectives"] == {}  # one device: nothing to exchange
+
+
+def _tpu_python():
+  try:
+    import libtpu  # noqa: F401
+
+    return sys.executable
+  except ImportError:
+    venv = REPO / ".venv-tpu" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
+@pytest.mark.skipif(_tpu_python() is None, reason="no libtpu (pip install -e .[tpu])")
+def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
+  out = tmp_path / "tpu.json"
+  # libtpu locks /tmp/libtpu_lockfile: let a background --topology compile run beside the test
+  env = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.bench", *TINY, "--topology=v5e:2x2",
+                      "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}"],
+                     capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
+  assert p.returncode == 0, p.stderr[-4000:]
+  (rec,) = json.loads(out.read_text())
+  assert rec["device_kind"].startswith("TPU v5") and rec["devices"] == 4
+  assert rec["mesh"] == {"data": 2, "space": 2} and rec["clips_per_chip"] == 1
+  assert rec["chip"] == "v5e" and rec["fits"] and 0 < rec["hbm_needed_gib"] < 16
+  assert rec["tflop"] > 0 and rec["gb_accessed"] > 0 and rec["roofline_s"] > 0
+  assert rec["collectives"]["collective-permute"]["count"] > 0  # conv halos over "space"
+  assert "HBM needed" in p.stdout
