@@ -188,3 +188,17 @@ def test_init_from_hf(hub, monkeypatch):
   assert_params_equal(params, vidtok_jax.params_from_torch(state_dict, cfg))
   with pytest.raises(ValueError, match="use_ema"):
     load_init_params(f"hf:{NAME}", config, use_ema=True)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "reconstruct.py"])
+def test_clis_take_pretrained(script):
+  proc = subprocess.run([sys.executable, script, "--helpfull"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert "--pretrained" in proc.stdout + proc.stderr
+
+
+def test_weights_source():
+  from vidtok_jax import cli_flags
+
+  assert cli_flags.weights_source("pretrained", "kl_causal_488_4chn") == "hf:kl_causal_488_4chn"
+  assert cli_flags.weights_source("torch_checkpoint", "x.ckpt") == "x.ckpt"
