@@ -13,8 +13,9 @@ import pkgutil
 import subprocess
 import sys
 
-import vidtok_jax
 from conftest import REPO
+
+import vidtok_jax
 
 # Packages of the extras (pyproject `train` / `torch`), never needed by the core API.
 NOT_CORE = ("tensorflow", "tensorflow_datasets", "av", "clu", "tensorboard", "matplotlib",

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import textwrap
 
+import ckpt_writer
 import numpy as np
 import pytest
-
-import ckpt_writer
-import vidtok_jax
 from conftest import REPO
+
+import vidtok_jax
 from vidtok_jax import pretrained
 from vidtok_jax.convert import state_dict_from_params
 from vidtok_jax.models.autoencoder import abstract_params, random_params

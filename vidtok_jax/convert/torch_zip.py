@@ -108,7 +108,7 @@ def _rebuild_tensor(storage, offset, size, stride, dtype_kind=None):
   if 0 in size:
     array = np.zeros(size, dtype)
   else:
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= flat.size:
       raise pickle.UnpicklingError(f"storage {storage.key} holds {flat.size} elements; a tensor of "
                                    f"size {size} stride {stride} at offset {offset} needs "
