@@ -202,3 +202,16 @@ def test_weights_source():
 
   assert cli_flags.weights_source("pretrained", "kl_causal_488_4chn") == "hf:kl_causal_488_4chn"
   assert cli_flags.weights_source("torch_checkpoint", "x.ckpt") == "x.ckpt"
+
+
+def test_hf_hub_offline_with_nothing_cached(tmp_path):
+  script = ("import vidtok_jax\ntry:\n  vidtok_jax.from_pretrained('kl_causal_488_4chn')\n"
+            "except FileNotFoundError as e:\n  print('ERROR', e)\n")
+  env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  env.pop("HF_HUB_CACHE", None)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert "ERROR" in proc.stdout, proc.stdout + proc.stderr
+  assert "HF_HUB_OFFLINE=1" in proc.stdout and "hf download microsoft/VidTok" in proc.stdout
+  assert not (tmp_path / "hf" / "hub" / "models--microsoft--VidTok" / "blobs").exists()
