@@ -8,10 +8,20 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo_out
 DEMO_ARGS ?=
+# `make test-latest`: the newest releases of jax / jaxlib / flax / optax / orbax-checkpoint (and
+# the other core dependencies, unpinned: requirements-latest.txt) on a newer Python, in their own
+# venv, running the fast subset below (model parity, train step, streaming, convert,
+# from_pretrained, core imports). Neither TensorFlow nor torch is installed there.
+PYTHON_LATEST ?= python3.12
+VENV_LATEST ?= .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+LATEST_TESTS ?= tests/layers_test.py tests/blocks_test.py tests/regularizers_test.py \
+	tests/autoencoder_test.py tests/train_step_test.py tests/streaming_test.py \
+	tests/convert_test.py tests/torch_zip_test.py tests/pretrained_test.py tests/core_imports_test.py
 # Lint tools are pinned here, not in requirements.txt (lint is not part of CI yet).
 LINT_REQS := ruff==0.17.6 pyink==26.5.1
 
-.PHONY: install install-test demo test lint format clean
+.PHONY: install install-test demo test install-latest test-latest lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +44,18 @@ demo: install
 # ships pytest-benchmark, which only warns that xdist disables it.
 test: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) tests
+
+install-latest:
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --upgrade -r requirements-latest.txt
+	$(PY_LATEST) -m pip install -e . --no-deps
+
+test-latest: install-latest
+	$(PY_LATEST) -c "import sys, jax, jaxlib, flax, optax, orbax.checkpoint as o; \
+	print('test-latest: Python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', \
+	jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__, \
+	'| orbax-checkpoint', o.__version__)"
+	$(PY_LATEST) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) $(LATEST_TESTS)
 
 lint: $(PY)
 	$(PIP) install $(LINT_REQS)

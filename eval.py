@@ -8,7 +8,9 @@ r"""Evaluate a VidTok model: PSNR, SSIM, LPIPS and FVD of its reconstructions (S
 
 Weights: `--workdir` (a train workdir: its latest good checkpoint; `--use_ema` for the EMA
 weights), `--checkpoint` (a checkpoints folder, one step folder, or a `convert to-flax` folder) or
-`--torch_checkpoint` (an official .ckpt / .safetensors, converted on the fly). Data: every video
+`--torch_checkpoint` (an official .ckpt / .safetensors, converted on the fly) or `--pretrained`
+(an official variant's released weights from the Hugging Face hub, e.g.
+`--pretrained=kl_causal_488_4chn`; downloaded and converted once, then cached). Data: every video
 under `--data_dir` (or those listed in `--csv`), or `--tfds_name` (its `--split`). Protocol
 settings default to the official ones (256x256, the config's window of 17/16 frames, sample_fps
 as `config.data.eval_sample_fps`); each is printed and written with the numbers.
@@ -68,7 +70,8 @@ def main(argv):
     config.data.eval_sample_fps = FLAGS.sample_fps
   causal = config.model.causal
   config.data.num_frames = FLAGS.num_frames or (17 if causal else 16)
-  params = load_init_params(source, config, use_ema=FLAGS.use_ema)
+  params = load_init_params(cli_flags.weights_source(kind, source), config,
+                            use_ema=FLAGS.use_ema)
   i3d = None
   if FLAGS.fvd:
     from vidtok_jax.metrics.i3d import load_i3d_variables
@@ -100,7 +103,8 @@ def main(argv):
 
     job = TokenizeJob(config, params, None, mode=FLAGS.mode, batch_size=FLAGS.batch_size)
     result["rate"] = job.rate_of(videos, progress=True)
-  result["protocol"].update(data, checkpoint=os.path.abspath(source),
+  result["protocol"].update(data, checkpoint=(
+      cli_flags.weights_source(kind, source) if kind == "pretrained" else os.path.abspath(source)),
                             checkpoint_kind=kind, use_ema=FLAGS.use_ema)
   print(evaluation.format_table(result))
   if result.get("rate"):

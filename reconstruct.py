@@ -8,8 +8,9 @@ r"""Reconstruct a video with a VidTok model (the official `inference_reconstruct
       --tokens=out/clip_tokens.npz --output_dir=out            # -> out/clip_decoded.mp4
 
 Weights: `--workdir` (a train workdir: its latest good checkpoint; `--use_ema`), `--checkpoint`
-(a checkpoints folder, a step folder or a `convert to-flax` folder) or `--torch_checkpoint` (an
-official .ckpt / .safetensors). Frames are sampled at `--sample_fps`, resized (short side) and
+(a checkpoints folder, a step folder or a `convert to-flax` folder), `--torch_checkpoint` (an
+official .ckpt / .safetensors) or `--pretrained=NAME` (the released weights of variant NAME from
+the Hugging Face hub, cached after the first call). Frames are sampled at `--sample_fps`, resized (short side) and
 centre-cropped to `--height`x`--width`, split into windows of `--num_frames` (17 causal, 16
 non-causal; the incomplete tail is dropped) and reconstructed with the official forward (KL
 models sample the latent, seeded by `--seed`). `--long` instead streams the WHOLE video chunk by
@@ -56,7 +57,7 @@ flags.mark_flags_as_required(["output_dir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _, weights = cli_flags.one_of(cli_flags.WEIGHT_FLAGS)
+  weights = cli_flags.weights_source(*cli_flags.one_of(cli_flags.WEIGHT_FLAGS))
   _, source = cli_flags.one_of(("input", "tokens"))
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")

@@ -2,6 +2,7 @@
 
 Public API (channels-last videos `(B, T, H, W, 3)` in [-1, 1]):
 
+  model, params = vidtok_jax.from_pretrained("fsq_causal_488_262144")  # official weights (hub)
   cfg    = vidtok_jax.load_config("vidtok_fsq_causal_488_262144")
   model  = vidtok_jax.VidTok(cfg)
   params = vidtok_jax.params_from_torch(state_dict, cfg)
@@ -12,6 +13,7 @@ Public API (channels-last videos `(B, T, H, W, 3)` in [-1, 1]):
 from vidtok_jax import convert
 from vidtok_jax.config import VARIANTS, ModelSpec, default_config, load_config
 from vidtok_jax.models.autoencoder import VidTok, abstract_params, init_params, output_frames
+from vidtok_jax.pretrained import from_pretrained
 
 
 def params_from_torch(state_dict, cfg):
@@ -23,5 +25,5 @@ def params_from_torch(state_dict, cfg):
   return convert.params_from_state_dict(state_dict, abstract_params(cfg))
 
 
-__all__ = ["VARIANTS", "convert", "ModelSpec", "VidTok", "abstract_params", "default_config", "init_params",
-           "load_config", "output_frames", "params_from_torch"]
+__all__ = ["VARIANTS", "convert", "ModelSpec", "VidTok", "abstract_params", "default_config",
+           "from_pretrained", "init_params", "load_config", "output_frames", "params_from_torch"]

@@ -220,9 +220,7 @@ def run_op(op: str, a) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   rec["compile_s"] = time.perf_counter() - t0
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", 0.0))
+  flops = count_flops(lowered, lambda: compiled)
   mem = compiled.memory_analysis()
   if mem is not None:
     rec["xla_temp_gib"] = mem.temp_size_in_bytes / GIB
@@ -237,6 +235,26 @@ def run_op(op: str, a) -> dict:
   return time_calls(call, args, clips, frames, flops, rec, a, dev)
 
 
+def count_flops(lowered, compiled) -> float:
+  """FLOPs of one program: XLA's cost analysis of the lowered program, else of the compiled one
+  (`compiled`: the executable, or a callable making it). Backends and jax versions differ in which
+  of the two they fill in (on an H200 with jax 0.11.2 the lowered one reported 0 FLOPs), so the
+  first positive count wins; 0.0 only when neither has one."""
+  for stage in (lowered, compiled):
+    try:
+      if callable(stage) and not hasattr(stage, "cost_analysis"):
+        stage = stage()
+      cost = stage.cost_analysis()
+    except Exception:  # not implemented for this backend / version
+      continue
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+      cost = cost[0] if cost else None
+    flops = float((cost or {}).get("flops", 0.0) or 0.0)
+    if flops > 0:
+      return flops
+  return 0.0
+
+
 def run_staged(fn, args, clips, frames, rec, a):
   """`fwd_bwd --grad staged`: many small programs, compiled on the first call, so its time
   (less one steady call) is the compile time; FLOPs are the single program's (no recompute)."""
@@ -246,9 +264,8 @@ def run_staged(fn, args, clips, frames, rec, a):
   model = fn.model
   rec["residual_budget_mib"] = a.residual_budget_mib
   loss = lambda p, x: fn.loss_fn(model.apply({"params": p}, x, compute_aux=False)[1], x, {})  # noqa: E731
-  cost = jax.jit(jax.value_and_grad(loss)).lower(params, x).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", 0.0))
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(params, x)
+  flops = count_flops(lowered, lowered.compile)
   t0 = time.perf_counter()
   jax.block_until_ready(fn(params, x))
   first = time.perf_counter() - t0

@@ -1,23 +1,34 @@
-"""Command-line flags shared by `eval.py` and `reconstruct.py`: the model config and where its
-weights come from (loaded by `vidtok_jax.train.checkpoint.load_init_params`)."""
+"""Command-line flags shared by `eval.py`, `reconstruct.py` and the tokenizer command: the model
+config and where its weights come from (loaded by `vidtok_jax.train.checkpoint.load_init_params`;
+`weights_source` turns the chosen flag into its argument)."""
 
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-WEIGHT_FLAGS = ("workdir", "checkpoint", "torch_checkpoint")
+WEIGHT_FLAGS = ("workdir", "checkpoint", "torch_checkpoint", "pretrained")
+# Flags naming something other than a local path (never checked for existence).
+NOT_PATHS = ("pretrained",)
+
+
+def define_pretrained_flag():
+  """`--pretrained=NAME`: the official weights of variant NAME from the Hugging Face hub."""
+  flags.DEFINE_string("pretrained", None, "Official variant whose released weights to use, "
+                      "fetched from the Hugging Face hub (microsoft/VidTok) and cached, e.g. "
+                      "kl_causal_488_4chn (HF_HOME / HF_HUB_OFFLINE apply).")
 
 
 def define_model_flags():
-  """`--config` and exactly-one-of `--workdir` / `--checkpoint` / `--torch_checkpoint`, plus
-  `--use_ema`."""
+  """`--config` and exactly-one-of `--workdir` / `--checkpoint` / `--torch_checkpoint` /
+  `--pretrained`, plus `--use_ema`."""
   config_flags.DEFINE_config_file("config", None, "configs/vidtok.py:VARIANT[,tiny]",
                                   lock_config=False)
   flags.DEFINE_string("workdir", None, "Train workdir (its latest good checkpoint).")
   flags.DEFINE_string("checkpoint", None, "Checkpoints folder, step folder or `convert to-flax` "
                       "folder.")
   flags.DEFINE_string("torch_checkpoint", None, "Official .ckpt / .safetensors file.")
+  define_pretrained_flag()
   flags.DEFINE_bool("use_ema", False, "Use the EMA weights of a train checkpoint.")
   flags.mark_flags_as_required(["config"])
 
@@ -30,6 +41,13 @@ def one_of(names) -> tuple:
     raise app.UsageError(f"give exactly one of {', '.join('--' + n for n in names)} "
                          f"(got {', '.join('--' + g for g in given) or 'none'})")
   value = flags.FLAGS[given[0]].value
+  if given[0] in NOT_PATHS:
+    return given[0], value
   if not os.path.exists(value):
     raise app.UsageError(f"--{given[0]} {value} does not exist")
   return given[0], value
+
+
+def weights_source(kind, value) -> str:
+  """The `load_init_params` argument for the weight flag `kind` (`--pretrained=N` -> `hf:N`)."""
+  return f"hf:{value}" if kind == "pretrained" else value

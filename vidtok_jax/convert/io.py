@@ -1,7 +1,9 @@
-"""Reading and writing PyTorch state_dicts as {key: np.ndarray} (torch only imported lazily).
+"""Reading and writing PyTorch state_dicts as {key: np.ndarray}, without PyTorch.
 
-`.safetensors` is read with numpy alone; `.ckpt`/`.pt`/`.pth`/`.bin` need PyTorch and are
-read with the weights-only unpickler, so no code stored in the file ever runs.
+`.safetensors` is read with numpy alone; `.ckpt`/`.pt`/`.pth`/`.bin` files in `torch.save`'s zip
+format (every PyTorch >= 1.6, so every official VidTok checkpoint) by `torch_zip`'s restricted
+unpickler, which never runs code stored in the file. Only the legacy pre-1.6 pickle format needs
+PyTorch (its weights-only unpickler).
 """
 
 import json
@@ -10,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vidtok_jax.convert import torch_zip
 from vidtok_jax.convert.keys import _to_numpy
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -22,9 +25,10 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
 def load_state_dict(path):
   """Checkpoint file -> {torch key: np.ndarray}; bf16 becomes float32, other dtypes are kept.
 
-  Lightning `.ckpt` files yield their `state_dict` entry. Raises FileNotFoundError if `path` is
-  absent, ValueError (naming the file) if it is corrupt or of an unknown kind, ImportError if a
-  torch pickle is given and PyTorch is not installed.
+  Lightning `.ckpt` files yield their `state_dict` entry (their other entries are skipped).
+  Raises FileNotFoundError if `path` is absent, ValueError (naming the file) if it is corrupt or
+  of an unknown kind, ImportError if a legacy (pre-zip) torch pickle is given and PyTorch is not
+  installed.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -129,11 +133,14 @@ def _cause(error):
 
 
 def _load_torch(path):
+  if torch_zip.is_torch_zip(path):
+    return torch_zip.read_state_dict(path)
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch (`pip install torch`); or convert it to "
-                      ".safetensors on a machine that has torch and load that instead") from e
+    raise ImportError(f"{path} is not in torch.save's zip format (a legacy pickle, or not a "
+                      "checkpoint); reading a legacy pickle needs PyTorch (`pip install "
+                      "torch`); or convert it to .safetensors on a machine that has torch") from e
   obj = _torch_load(torch, path)
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]

@@ -448,7 +448,9 @@ def load_init_params(path, config, *, use_ema: bool = False):
     saved with ocp.StandardCheckpointer; see vidtok_jax/convert/__main__.py),
   - an official `.ckpt` / `.safetensors` state dict (via vidtok_jax.convert.io.load_state_dict
     + vidtok_jax.convert.keys.params_from_state_dict with the template
-    `vidtok_jax.abstract_params(vidtok_jax.train.state.model_config(config))`).
+    `vidtok_jax.abstract_params(vidtok_jax.train.state.model_config(config))`),
+  - `"hf:NAME"`: the official weights of variant NAME from the Hugging Face hub (downloaded and
+    converted once, then cached; see vidtok_jax/pretrained.py).
   Shapes are checked against `config.model`; a mismatch raises ValueError naming the keys.
   Nothing is written: broken steps of a train checkpoint are skipped, not moved.
   Returns a params tree (nested dicts) of float32 numpy arrays.
@@ -459,6 +461,8 @@ def load_init_params(path, config, *, use_ema: bool = False):
   from vidtok_jax.convert.io import load_state_dict
   from vidtok_jax.convert.keys import params_from_state_dict
 
+  if isinstance(path, str) and path.startswith("hf:"):
+    return _hub_params(path, config, use_ema)
   template = _model_template(config)
   p = _path(path)
   if not p.exists():
@@ -487,6 +491,22 @@ def load_init_params(path, config, *, use_ema: bool = False):
   if problem:
     raise ValueError(problem)
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def _hub_params(spec, config, use_ema):
+  from vidtok_jax import pretrained
+  from vidtok_jax.config import VARIANTS
+  from vidtok_jax.train.state import model_config
+
+  if use_ema:
+    raise CheckpointError(f"{spec}: use_ema is only supported for vidtok_jax train checkpoints "
+                          "(an official state dict's EMA weights are not converted)")
+  full = pretrained.variant_name(spec[len("hf:"):])
+  mc = model_config(config)
+  if mc.get("name") in VARIANTS and mc.name != full:
+    raise CheckpointError(f"{spec} holds the weights of {full}, but config.model is {mc.name}")
+  # Shapes are checked against config.model by the conversion (key and both shapes named).
+  return pretrained.load_params(pretrained.download(full), mc)
 
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Checkpoints", "NonFiniteStateError",
