@@ -76,3 +76,19 @@ def test_attention_block_fixture_with_query_blocks(monkeypatch):
   monkeypatch.setattr(blocks, "ATTN_QUERY_BLOCK", 6)
   ref = Ref("attn_causal_ln")
   _check(blocks.AttnBlock(True, _kwargs(ref)["norm_type"]), ref, 1e-5)
+
+
+def test_attention_keeps_float64():
+  """float64 stays float64 end to end (`jax.nn.dot_product_attention` takes its softmax in
+  float32, so float64 runs the same formula by einsum)."""
+  import jax
+  import numpy as np
+
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 30, 8))) for _ in range(3))
+    logits = np.einsum("nqc,nkc->nqk", q, k) / np.sqrt(8)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("nqk,nkc->nqc", w / w.sum(-1, keepdims=True), v)
+    got = blocks.attention(q, k, v, query_block=7)
+    assert got.dtype == jnp.float64 and float(np.abs(np.asarray(got) - want).max()) < 1e-13

@@ -153,6 +153,9 @@ def attention(q, k, v, precision=None, query_block: Optional[int] = None):
   query_block = query_block or ATTN_QUERY_BLOCK
 
   def rows(qb):  # (N, Lq, C) -> (N, Lq, C); heads axis of 1
+    if jnp.dtype(q.dtype).itemsize > 4:  # float64: dot_product_attention's softmax is float32
+      logits = jnp.einsum("nqc,nkc->nqk", qb, k, precision=precision) * (c ** -0.5)
+      return jnp.einsum("nqk,nkc->nqc", jax.nn.softmax(logits, axis=-1), v, precision=precision)
     with jax.default_matmul_precision(precision):  # f32 dots; bf16 ones use BF16_BF16_F32
       o = jax.nn.dot_product_attention(qb[:, :, None], k[:, :, None], v[:, :, None],
                                        implementation="xla")
