@@ -250,8 +250,11 @@ def test_eval_loops_run_under_a_transfer_guard(params, sampled):
 def test_fvd_features_on_device_under_the_guard_equal_host_ones(params):
   """I3D features computed in the eval step (uint8-rounded on the device) equal the library's
   `i3d_embeddings` of the same windows uploaded as uint8 (the previous path)."""
-  from vidtok_jax.metrics import fvd as fvd_lib
+  import importlib
+
   from vidtok_jax.metrics.i3d import load_i3d_variables
+
+  fvd_lib = importlib.import_module("vidtok_jax.metrics.fvd")  # the module, not the function
 
   i3d = load_i3d_variables(I3D)
   ev = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=True, batch_size=2,
