@@ -37,7 +37,10 @@ flags.DEFINE_float("sample_fps", None, "Frame rate frames are sampled at (defaul
                    "data.eval_sample_fps).")
 flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
 flags.DEFINE_enum("mode", "clips", ["clips", "long"], "Windows, or one long clip per video.")
-flags.DEFINE_integer("batch_size", 1, "Windows per device per call.")
+flags.DEFINE_integer("batch_size", None, "Windows per local device per call, packed across "
+                     "videos (default: 1 on CPU, 4 on GPU/TPU).")
+flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize(), each process "
+                  "evaluates its share of the videos, process 0 merges and writes the results.")
 flags.DEFINE_integer("max_videos", 0, "Evaluate only the first N videos (0 = all).")
 flags.DEFINE_enum("lpips_net", "vgg", ["vgg", "alex", "none"], "LPIPS backbone (official: vgg).")
 flags.DEFINE_bool("fvd", True, "Compute FVD (I3D Kinetics-400 weights needed).")
@@ -60,6 +63,10 @@ def main(argv):
   import tensorflow as tf  # the data stack's; keep it off the accelerators
 
   tf.config.set_visible_devices([], "GPU")
+  import jax
+
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   from vidtok_jax import evaluation
   from vidtok_jax.train.checkpoint import load_init_params
 
@@ -96,7 +103,12 @@ def main(argv):
                                     config.data.eval_sample_fps)
     data = {"tfds_name": FLAGS.tfds_name, "split": FLAGS.split}
   videos = list(videos)[:FLAGS.max_videos or None]
-  result = ev.run(videos)
+  if FLAGS.distributed:
+    result = ev.run_distributed(videos)
+    if jax.process_index() != 0:
+      return
+  else:
+    result = ev.run(videos)
   if FLAGS.rate and config.model.regularizer == "fsq":
     from vidtok_jax.metrics.rate import format_rate
     from vidtok_jax.tokenize import TokenizeJob

@@ -149,3 +149,142 @@ def test_bad_protocol_settings_are_refused(params, size, frames, match):
   cfg.data.size, cfg.data.num_frames = size, frames
   with pytest.raises(ValueError, match=match):
     evaluation.Evaluator(cfg, params, lpips_net=None, fvd=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched evaluation: batch-invariant numbers, a fixed set of programs, no stray transfers,
+# sharded runs equal to one.
+
+_COMPILES = [0]
+
+
+def _count_compile(event, duration, **kwargs):
+  del duration, kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def synthetic(lengths, h=40, w=48, seed=0):
+  """VideoItems of random uint8 frames (already sampled), one per length."""
+  items = []
+  for n in lengths:
+    frames = np.random.default_rng(seed + n).integers(0, 256, (n, h, w, 3), np.uint8)
+    items.append(evaluation.VideoItem(f"synthetic_{n}", lambda f=frames: (f, 4.0)))
+  return items
+
+
+@pytest.fixture(scope="module")
+def sampled(params):
+  """A sampling (KL) evaluator, 3 windows per call: windows of consecutive videos share calls."""
+  return evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, batch_size=3,
+                              sample_posterior=True)
+
+
+def test_sampled_metrics_do_not_depend_on_the_batch(folder, params, sampled):
+  """Batch 3 gives the per-video numbers of batch 1 (the previous default), and batch 1 is the
+  previous keying: window w of the run sampled with fold_in(PRNGKey(42), w)."""
+  paths = [str(folder / n) for n in VIDEOS]
+  one = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, batch_size=1,
+                             sample_posterior=True)
+  r1 = one.run(evaluation.folder_videos(paths, 4.0), progress=False)
+  r3 = sampled.run(evaluation.folder_videos(paths, 4.0), progress=False)
+  for a, b in zip(r1["videos"], r3["videos"]):
+    assert a["windows"] == b["windows"]
+    for k in ("psnr", "ssim"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
+  # Direct: the second video's first window is window number len(first video's windows).
+  raw, _ = next(evaluation.folder_videos(paths[1:], 4.0)).load()
+  x01 = evaluation.sampling.resize_short_side_and_center_crop(raw, 32)
+  clips, _ = evaluation.windows(x01, 9, "clips", True)
+  model = vidtok_jax.VidTok(tiny().model)
+  first = r1["videos"][0]["windows"]
+  key = jax.random.fold_in(jax.random.PRNGKey(evaluation.SEED), first)
+  _, y, _ = model.apply({"params": params}, jnp.asarray(clips[:1]) * 2 - 1, True, 0, False,
+                        rngs={"sample": key})
+  r01 = (jnp.clip(y, -1, 1) + 1) / 2
+  det = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, sample_posterior=False)
+  assert r1["protocol"]["latent"].startswith("sampled")
+  got = jax.device_get(sampled._step(sampled.params, None, None,
+                                     jax.device_put(np.repeat(clips[:1], 3, 0)),
+                                     jax.device_put(np.full(3, first, np.uint32))))
+  np.testing.assert_allclose(got["psnr"][0], np.asarray(psnr(clips[0], r01[0])), rtol=1e-5)
+  del det
+
+
+def test_clips_mode_compiles_a_fixed_set_of_programs(sampled):
+  sampled.run(synthetic([5, 9]), progress=False)  # compiles the step (if not yet)
+  before = _COMPILES[0]
+  res = sampled.run(synthetic([1, 3, 10, 17, 26, 40]), progress=False)
+  assert [v["windows"] for v in res["videos"]] == [1, 1, 2, 2, 3, 5]
+  assert _COMPILES[0] == before  # 14 windows of 6 lengths: 5 calls of the one program
+  assert sampled._step._cache_size() == 1
+
+
+def test_long_mode_compiles_a_fixed_set_of_programs(params):
+  ev = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, batch_size=2,
+                            mode="long", sample_posterior=True)
+  ev.run(synthetic([17, 33]), progress=False)  # first / steady / last chunk programs, metrics
+  before = _COMPILES[0]
+  res = ev.run(synthetic([20, 49, 70, 113]), progress=False)
+  assert [v["scored_frames"] for v in res["videos"]] == [17, 49, 65, 113]
+  assert _COMPILES[0] == before
+
+
+def test_eval_loops_run_under_a_transfer_guard(params, sampled):
+  """Only the explicit batch uploads and result fetches cross the host boundary: no weights,
+  keys or intermediates are moved implicitly per call (the guard raises on those)."""
+  longev = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, mode="long",
+                                sample_posterior=True)
+  items = synthetic([9, 20])
+  sampled.run(items, progress=False), longev.run(items, progress=False)  # compile outside
+  with jax.transfer_guard("disallow"):
+    res = sampled.run(synthetic([9, 20, 4]), progress=False)
+    resl = longev.run(synthetic([9, 20, 33]), progress=False)
+  assert len(res["videos"]) == 3 and len(resl["videos"]) == 2  # 9 frames: too short (long)
+
+
+@pytest.mark.skipif(not I3D.is_file(), reason="I3D weights not found (needs ../shared)")
+def test_fvd_features_on_device_under_the_guard_equal_host_ones(params):
+  """I3D features computed in the eval step (uint8-rounded on the device) equal the library's
+  `i3d_embeddings` of the same windows uploaded as uint8 (the previous path)."""
+  import importlib
+
+  from vidtok_jax.metrics.i3d import load_i3d_variables
+
+  fvd_lib = importlib.import_module("vidtok_jax.metrics.fvd")  # the module, not the function
+
+  i3d = load_i3d_variables(I3D)
+  ev = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=True, batch_size=2,
+                            sample_posterior=False, i3d_variables=i3d)
+  items = synthetic([12])
+  res = ev.run(items, progress=False)
+  with jax.transfer_guard("disallow"):
+    part = ev.run_shard(items, progress=False)
+  real, fake = part["emb"][0][1]
+  frames, _ = items[0].load()
+  x01 = evaluation.sampling.resize_short_side_and_center_crop(frames, 32)
+  clips, _ = evaluation.windows(x01, 9, "clips", True)
+  want = fvd_lib.i3d_embeddings(np.round(clips * 255).astype(np.uint8), batch_size=2,
+                                variables=i3d)
+  np.testing.assert_allclose(real, want, rtol=1e-4, atol=1e-4)
+  assert fake.shape == real.shape and res["fvd"] is not None
+
+
+def test_two_host_shards_equal_one(folder, params):
+  ev = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, batch_size=2,
+                            sample_posterior=False)
+  items = list(evaluation.folder_videos([str(folder / VIDEOS[0]), str(folder / "zz_broken.mp4"),
+                                         str(folder / VIDEOS[1])], 4.0)) + synthetic([5, 14])
+  whole = ev.run(items, progress=False)
+  parts = [ev.run_shard(items, shard=(i, 2), progress=False) for i in (1, 0)]
+  merged = ev.merge(parts)
+  assert [v["path"] for v in merged["videos"]] == [v["path"] for v in whole["videos"]]
+  assert merged["skipped"] == whole["skipped"] and len(merged["skipped"]) == 1
+  for a, b in zip(merged["videos"], whole["videos"]):
+    assert a == pytest.approx(b, rel=1e-6)
+  for k in ("psnr", "ssim"):
+    np.testing.assert_allclose(merged[k], whole[k], rtol=1e-6)
+  assert merged["protocol"]["num_frames_scored"] == whole["protocol"]["num_frames_scored"]

@@ -172,17 +172,17 @@ def noncausal():
 
 def test_longer_video_compiles_nothing(v11):
   _, _, st = v11
-  fresh = st._enc._cache_size() == 0 and st._dec._cache_size() == 0
+  fresh = st._enc[False]._cache_size() == 0 and st._dec[False]._cache_size() == 0
   y = st.reconstruct(video(1 + 8 * 2, seed=10))  # 17 frames: 5 latents
   assert y.shape[1] == 17
-  enc, dec = st._enc._cache_size(), st._dec._cache_size()
+  enc, dec = st._enc[False]._cache_size(), st._dec[False]._cache_size()
   if fresh:
     # encoder: frame 0 alone, then 8-frame chunks; decoder: latent 0 (+1 look-ahead), 2-latent
     # chunks (+1 look-ahead), the last 2-latent chunk without look-ahead
     assert (enc, dec) == (2, 3)
   y = st.reconstruct(video(1 + 8 * 5, seed=11))  # 41 frames: 11 latents, 3 more steady chunks
   assert y.shape[1] == 41 and np.all(np.isfinite(y))
-  assert (st._enc._cache_size(), st._dec._cache_size()) == (enc, dec)
+  assert (st._enc[False]._cache_size(), st._dec[False]._cache_size()) == (enc, dec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,3 +603,37 @@ def test_bad_latents_and_indices(v10, fsq):
     st.decode(np.zeros((1, 2, 2, 4), np.float32))
   with pytest.raises(ValueError, match=r"expected token indices \(B, T', h, w\)"):
     fsq[2].decode(np.zeros((1, 2, 2, 2, 5), np.int32), indices=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Pipelining: tiles batched into one call equal tiles one at a time (sampling included: each
+#    tile keeps its key), and whole videos run under a transfer guard (explicit copies only).
+
+
+@pytest.mark.parametrize("name", ["vidtok_kl_causal_488_4chn_v1_1",
+                                  "vidtok_fsq_causal_888_32768_v1_1",
+                                  "vidtok_kl_noncausal_488_4chn"])
+def test_tile_batch_equals_tiles_one_at_a_time_under_a_transfer_guard(name):
+  cfg, params = tiny(name, seed=6)
+  kw = dict(t_chunk_enc=8, window=8, tile=(16, 16), tile_overlap=8, sample=True, seed=3)
+  one, three = Streamer(cfg, params, **kw), Streamer(cfg, params, tile_batch=3, **kw)
+  x = video(17, hw=(32, 24), seed=7)  # 3x2 tiles: a group of 3 twice
+  z1, a1 = one.encode(x)
+  y1 = one.decode(z1, num_frames=17)
+  with jax.transfer_guard("disallow"):
+    z3, a3 = three.encode(x)
+    y3 = three.decode(z3, num_frames=17)
+    assert_same_computation(z3, z1)
+    assert_same_computation(y3, y1)
+    if "indices" in a1:
+      np.testing.assert_array_equal(a3["indices"], a1["indices"])
+      yi = three.decode(a3["indices"], num_frames=17, indices=True)
+      assert_same_computation(yi, one.decode(a1["indices"], num_frames=17, indices=True))
+    y = one.reconstruct(x[:, :13])  # a new length: no implicit transfer either
+  assert y.shape == (1, 13, 32, 24, 3)
+
+
+def test_bad_tile_batch():
+  cfg, params = tiny("vidtok_kl_causal_488_4chn", seed=0)
+  with pytest.raises(ValueError, match="tile_batch must be >= 1"):
+    Streamer(cfg, params, tile=(16, 16), tile_overlap=8, tile_batch=0)

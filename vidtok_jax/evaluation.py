@@ -22,11 +22,25 @@ Protocol (the official `inference_evaluate.py`, stated in every result):
   as uint8, see `vidtok_jax.metrics.fvd`.
 A video that cannot be decoded, or is too short for long mode, is reported under "skipped" with
 the reason; the evaluation goes on.
+
+Speed (none of it changes a number): videos are decoded and resized in a thread pool `PREFETCH`
+videos ahead of the model; "clips" windows of many videos are packed into fixed-shape device
+batches (`batch_size` per local device, sharded over all of them, the last batch padded with
+zero-weight rows), and one jitted program reconstructs them and computes PSNR / SSIM / LPIPS and
+the I3D features of real and reconstructed windows on the device, so only the per-frame scores
+and the 400-d embeddings come back; the next batch is dispatched before the previous one's
+results are read. Model, LPIPS and I3D weights are put on the devices once. KL sampling keys are
+per window (`fold_in(PRNGKey(seed), window number)`), so the batch size does not change them.
+`run_shard` / `merge` split the videos over processes (`--distributed`: each its share, process
+0 merges the same JSON).
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import pickle
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -44,7 +58,14 @@ from vidtok_jax.streaming import Streamer, pad_frames
 log = logging.getLogger("vidtok_jax.eval")
 
 SEED = 42
-FVD_BATCH = 4  # I3D clips per call (224x224): one compile, bounded memory
+FVD_BATCH = 4  # long mode: I3D clips per call (224x224): one compile per length, bounded memory
+PREFETCH = 3  # videos decoded + resized ahead of the model (thread pool)
+
+
+def default_batch_size(platform: Optional[str] = None) -> int:
+  """Windows per device per call: 1 on CPU (the "device" is the host's own cores, which also
+  decode), 4 on accelerators (17x256^2 windows with LPIPS and I3D: a few GiB)."""
+  return 1 if (platform or jax.default_backend()) == "cpu" else 4
 
 
 @dataclasses.dataclass
@@ -114,17 +135,19 @@ class Evaluator:
     params: VidTok params (e.g. `load_init_params(...)`).
     lpips_net: "vgg" (official) or "alex"; None skips LPIPS.
     fvd: compute FVD (needs the I3D weights: `vidtok_jax.metrics.fvd`).
-    batch_size: windows per device call (padded with zero-weight rows).
+    batch_size: windows per local device per call (None: `default_batch_size()`); windows of
+      consecutive videos share a batch, the last one padded with zero-weight rows.
     sample_posterior: KL models sample the latent as the official eval does.
     score_padded_frames: score the repeated frames that pad the last window (official: True).
     mode: "clips" or "long".
   """
 
   def __init__(self, config, params, *, lpips_net: Optional[str] = "vgg", fvd: bool = True,
-               batch_size: int = 1, sample_posterior: bool = True, seed: int = SEED,
+               batch_size: Optional[int] = None, sample_posterior: bool = True, seed: int = SEED,
                score_padded_frames: bool = True, mode: str = "clips", i3d_variables=None):
     if mode not in ("clips", "long"):
       raise ValueError(f"mode must be 'clips' or 'long', got {mode!r}")
+    batch_size = default_batch_size() if batch_size is None else batch_size
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.config, self.mode, self.batch_size = config, mode, batch_size
@@ -150,14 +173,16 @@ class Evaluator:
     devices = jax.local_devices()
     self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     self.n_dev = len(devices)
-    self.params = jax.device_put(params, jax.sharding.NamedSharding(self.mesh,
-                                                                    jax.sharding.PartitionSpec()))
+    # Every weight is put on the devices once, replicated: no call uploads one again.
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.params = jax.device_put(params, replicated)
     self.lpips_params = None
     if lpips_net:
       from vidtok_jax.metrics.lpips import canonical_net, load_lpips_params
 
       self.lpips_net = canonical_net(lpips_net)
-      self.lpips_params = load_lpips_params(self.lpips_net)
+      self.lpips_params = jax.device_put(load_lpips_params(self.lpips_net), replicated)
     self.i3d = None
     if fvd:
       import importlib  # the module: `vidtok_jax.metrics.fvd` the attribute is the function
@@ -165,19 +190,24 @@ class Evaluator:
       fvd_lib = importlib.import_module("vidtok_jax.metrics.fvd")
 
       self.fvd_lib = fvd_lib
-      self.i3d = i3d_variables if i3d_variables is not None else fvd_lib.default_variables()
+      if mode == "clips" and self.num_frames < fvd_lib.MIN_FRAMES:
+        raise ValueError(f"num_frames={self.num_frames}: FVD's I3D needs windows of at least "
+                         f"{fvd_lib.MIN_FRAMES} frames (or turn FVD off)")
+      self.i3d = jax.device_put(i3d_variables if i3d_variables is not None
+                                else fvd_lib.default_variables(), replicated)
     self._step = self._make_step()
     self._streamer = None  # long mode: built on first use
     self.params_sha256 = params_sha256(params)
 
   def _make_step(self):
     model, lpips_net = self.model, self.lpips_net
-    sample = self.sample_posterior
+    sample, seed = self.sample_posterior, self.seed
     lpips_model = None
     if self.lpips_params is not None:
       from vidtok_jax.metrics.lpips import LPIPS
 
       lpips_model = LPIPS(net=lpips_net)
+    i3d_logits = self.fvd_lib._logits if self.fvd else None  # pylint: disable=protected-access
 
     def metrics(lp, x01, r01):
       out = {"psnr": psnr(x01, r01), "ssim": ssim(x01, r01)}
@@ -188,15 +218,29 @@ class Evaluator:
                                          flat(r01 * 2.0 - 1.0)).reshape(b, t)
       return out
 
-    def step(params, lp, x01, key):
-      x = x01 * 2.0 - 1.0
-      _, y, _ = model.apply({"params": params}, x, sample, 0, False, rngs={"sample": key})
-      r01 = (jnp.clip(y.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
-      return metrics(lp, x01, r01), r01
+    def to_u8(v):  # FVD's protocol starts from 8-bit video
+      return jnp.round(jnp.clip(v, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
-    batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    self._metrics = jax.jit(metrics)
-    return jax.jit(step, in_shardings=(None, None, batch, None), out_shardings=(batch, batch))
+    def step(params, lp, i3d, x01, window_ids):
+      x = x01 * 2.0 - 1.0
+      if sample:  # one key per window: the same noise whatever the batch it lands in
+        def one(xi, wid):
+          key = jax.random.fold_in(jax.random.PRNGKey(seed), wid)
+          return model.apply({"params": params}, xi[None], True, 0, False,
+                             rngs={"sample": key})[1][0]
+        y = jax.vmap(one)(x, window_ids)
+      else:
+        _, y, _ = model.apply({"params": params}, x, False, 0, False)
+      r01 = (jnp.clip(y.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
+      out = metrics(lp, x01, r01)
+      if i3d is not None:
+        out["emb_real"] = i3d_logits(i3d, to_u8(x01))
+        out["emb_fake"] = i3d_logits(i3d, to_u8(r01))
+      return out
+
+    batch = self._batch_sharding
+    self._metrics = jax.jit(metrics, in_shardings=(None, batch, batch), out_shardings=batch)
+    return jax.jit(step, in_shardings=(None, None, None, batch, batch), out_shardings=batch)
 
   def protocol(self) -> dict:
     h, w = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
@@ -225,81 +269,239 @@ class Evaluator:
 
   def run(self, videos: Iterable[VideoItem], progress: bool = True) -> dict:
     """Evaluate `videos`; returns the result dict (aggregates, protocol, per video, skipped)."""
+    return self.merge([self.run_shard(videos, progress=progress)])
+
+  def run_distributed(self, videos: Iterable[VideoItem], progress: bool = True) -> dict:
+    """Multi-host: this process evaluates its share of `videos` (every process must pass the same
+    list), the parts are gathered to every process and merged: the result of `run`."""
+    from jax.experimental import multihost_utils
+
+    part = self.run_shard(videos, (jax.process_index(), jax.process_count()), progress)
+    blob = np.frombuffer(pickle.dumps(part), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    parts = [pickle.loads(b[:int(n)].tobytes()) for b, n in zip(blobs, np.ravel(sizes))]
+    return self.merge(parts)
+
+  def _prepare(self, item: VideoItem):
+    """Host work of one video (thread pool): decode, resize, windows. `("ok", fields)` or
+    `("skip", entry)`."""
+    try:
+      raw, fps = item.load()
+    except Exception as e:  # unreadable / corrupt: report it, go on with the rest
+      reason = getattr(e, "reason", type(e).__name__)
+      log.warning("skip %s: %s", item.path, e)
+      return "skip", {"path": item.path, "reason": reason, "message": str(e)}
+    x01 = sampling.resize_short_side_and_center_crop(raw, self.size)
+    w = windows(x01, self.num_frames, self.mode, self.causal)
+    if w is None:
+      need = f"> {sampling.LONG_CHUNK}" if self.causal else f">= {sampling.LONG_CHUNK}"
+      msg = f"{len(x01)} frames at {self.sample_fps:g} fps; long mode needs {need}"
+      log.warning("skip %s: %s", item.path, msg)
+      return "skip", {"path": item.path, "reason": "too_short", "message": msg}
+    if self.mode == "clips" and len(x01) < self.num_frames:
+      log.warning("%s: %d frames, shorter than one %d-frame window; padded by repeating the "
+                  "last frame", item.path, len(x01), self.num_frames)
+    clips, valid = w
+    return "ok", {"path": item.path, "fps": fps, "frames": int(len(x01)), "clips": clips,
+                  "valid": valid}
+
+  def _prepared(self, videos):
+    """`(index, kind, fields)` per video in order, decoded `PREFETCH` videos ahead in threads."""
+    with concurrent.futures.ThreadPoolExecutor(max(PREFETCH, 1)) as pool:
+      pending = collections.deque()
+      for i, item in videos:
+        pending.append((i, pool.submit(self._prepare, item)))
+        if len(pending) > PREFETCH:
+          i0, fut = pending.popleft()
+          yield (i0, *fut.result())
+      while pending:
+        i0, fut = pending.popleft()
+        yield (i0, *fut.result())
+
+  def run_shard(self, videos: Iterable[VideoItem], shard: tuple = (0, 1),
+                progress: bool = True) -> dict:
+    """This shard's part of the evaluation: videos `i` with `i % count == index` of
+    `shard=(index, count)`. Returns a part for `merge` (per-video rows and score sums in video
+    order, embeddings, timings); `run` is `merge([run_shard(videos)])`."""
     from tqdm import tqdm
 
-    videos = list(videos)
-    per_video, skipped = [], []
-    sums = {k: 0.0 for k in ("psnr", "ssim", "lpips")}
-    frames_scored, real_emb, fake_emb = 0, [], []
-    window_counter = 0
+    index, count = shard
+    videos = [(i, v) for i, v in enumerate(videos) if i % count == index]
     t0 = time.monotonic()
-    bar = tqdm(videos, desc="eval", unit="video", disable=not progress)
-    for item in bar:
-      try:
-        raw, fps = item.load()
-      except Exception as e:  # unreadable / corrupt: report it, go on with the rest
-        reason = getattr(e, "reason", type(e).__name__)
-        log.warning("skip %s: %s", item.path, e)
-        skipped.append({"path": item.path, "reason": reason, "message": str(e)})
-        continue
-      x01 = sampling.resize_short_side_and_center_crop(raw, self.size)
-      w = windows(x01, self.num_frames, self.mode, self.causal)
-      if w is None:
-        need = f"> {sampling.LONG_CHUNK}" if self.causal else f">= {sampling.LONG_CHUNK}"
-        msg = f"{len(x01)} frames at {self.sample_fps:g} fps; long mode needs {need}"
-        log.warning("skip %s: %s", item.path, msg)
-        skipped.append({"path": item.path, "reason": "too_short", "message": msg})
-        continue
-      clips, valid = w
-      if self.mode == "clips" and len(x01) < self.num_frames:
-        log.warning("%s: %d frames, shorter than one %d-frame window; padded by repeating the "
-                    "last frame", item.path, len(x01), self.num_frames)
-      weight = np.ones_like(valid) if self.score_padded else valid
-      scores, recon = self._reconstruct(clips, window_counter)
-      window_counter += len(clips)
-      row = {"path": item.path, "fps": fps, "frames": int(len(x01)), "windows": int(len(clips)),
-             "scored_frames": int(weight.sum())}
+    rows, skipped, emb = {}, [], {}
+    timing = collections.Counter()
+    bar = tqdm(total=len(videos), desc="eval", unit="video", disable=not progress)
+    # KL keys: today's numbering, windows counted over this run's videos in order (one shard:
+    # all videos; several: each video's windows numbered from video_index * 2**20).
+    counter = [0]
+
+    def first_window(i, k):
+      if count == 1:
+        counter[0] += k
+        return counter[0] - k
+      return i << 20
+
+    def finish(i, info, scores, emb_pair):
+      weight = np.ones_like(info["valid"]) if self.score_padded else info["valid"]
+      row = {"path": info["path"], "fps": info["fps"], "frames": info["frames"],
+             "windows": int(len(info["valid"])), "scored_frames": int(weight.sum())}
+      sums = {}
       for k, v in scores.items():
-        s = float(np.sum(v * weight))
-        sums[k] += s
-        row[k] = s / max(weight.sum(), 1)
-      frames_scored += int(weight.sum())
-      per_video.append(row)
-      if self.fvd:
-        real_emb.append(self._embed(clips))
-        fake_emb.append(self._embed(recon))
-      bar.set_postfix(psnr=f"{sums['psnr'] / max(frames_scored, 1):.2f}")
+        sums[k] = float(np.sum(v * weight))
+        row[k] = sums[k] / max(weight.sum(), 1)
+      rows[i] = (row, sums)
+      if emb_pair is not None:
+        emb[i] = emb_pair
+      bar.update(1)
+
+    t_wait = time.monotonic()
+    if self.mode == "long":
+      for i, kind, info in self._prepared(videos):
+        timing["host_wait"] += time.monotonic() - t_wait
+        if kind == "skip":
+          skipped.append((i, info))
+          bar.update(1)
+        else:
+          t1 = time.monotonic()
+          scores, recon = self._reconstruct_long(info["clips"], first_window(i, 1))
+          pair = None
+          if self.fvd:
+            pair = (self._embed(info["clips"]), self._embed(recon))
+          timing["device"] += time.monotonic() - t1
+          finish(i, info, scores, pair)
+        t_wait = time.monotonic()
+    else:
+      self._run_clips(self._prepared(videos), first_window, finish, skipped, bar, timing)
+    bar.close()
+    return {"rows": sorted(rows.items()), "skipped": sorted(skipped, key=lambda s: s[0]),
+            "emb": sorted(emb.items()), "seconds": time.monotonic() - t0,
+            "timing": dict(timing)}
+
+  def _run_clips(self, prepared, first_window, finish, skipped, bar, timing):
+    """Clips mode: windows of consecutive videos packed into fixed batches of
+    `batch_size * devices` rows; batch k+1 is dispatched before batch k's results are read."""
+    b = self.batch_size * self.n_dev
+    h, w = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+    shape = (b, self.num_frames, h, w, 3)
+    open_videos = {}  # index -> [info, windows left, score rows, real emb, fake emb]
+    rows_x, rows_id, rows_of = [], [], []  # the batch being packed
+    in_flight = None
+
+    def collect(done):
+      out, owners = done
+      t1 = time.monotonic()
+      out = jax.device_get(out)  # the one result fetch per batch
+      timing["device"] += time.monotonic() - t1
+      for r, (i, j) in enumerate(owners):
+        v = open_videos[i]
+        v[2][j] = {n: out[n][r] for n in out if not n.startswith("emb_")}
+        if self.fvd:
+          v[3][j], v[4][j] = out["emb_real"][r], out["emb_fake"][r]
+        v[1] -= 1
+        if v[1] == 0:
+          info, _, sc, er, ef = open_videos.pop(i)
+          k = len(sc)
+          scores = {n: np.stack([sc[j][n] for j in range(k)]) for n in sc[0]}
+          pair = None
+          if self.fvd:
+            pair = (np.stack([er[j] for j in range(k)]).astype(np.float64),
+                    np.stack([ef[j] for j in range(k)]).astype(np.float64))
+          finish(i, info, scores, pair)
+
+    def dispatch():
+      nonlocal in_flight
+      n = len(rows_x)
+      x = np.zeros(shape, np.float32)
+      x[:n] = np.stack(rows_x)
+      if n < b:  # zero-weight padding rows: copies of the last window
+        x[n:] = x[n - 1]
+      ids = np.zeros((b,), np.uint32)
+      ids[:n] = rows_id
+      t1 = time.monotonic()
+      out = self._step(self.params, self.lpips_params, self.i3d,
+                       jax.device_put(x, self._batch_sharding),
+                       jax.device_put(ids, self._batch_sharding))
+      timing["dispatch"] += time.monotonic() - t1
+      if in_flight is not None:
+        collect(in_flight)
+      in_flight = (out, list(rows_of))
+      rows_x.clear(), rows_id.clear(), rows_of.clear()
+
+    t_wait = time.monotonic()
+    for i, kind, info in prepared:
+      timing["host_wait"] += time.monotonic() - t_wait
+      if kind == "skip":
+        skipped.append((i, info))
+        bar.update(1)
+        t_wait = time.monotonic()
+        continue
+      clips = info.pop("clips")
+      k = len(clips)
+      start = first_window(i, k)
+      open_videos[i] = [info, k, {}, {}, {}]
+      for j in range(k):
+        rows_x.append(clips[j])
+        rows_id.append(start + j)
+        rows_of.append((i, j))
+        if len(rows_x) == b:
+          dispatch()
+      t_wait = time.monotonic()
+    if rows_x:
+      dispatch()
+    if in_flight is not None:
+      collect(in_flight)
+
+  def merge(self, parts) -> dict:
+    """The result dict of `run_shard` parts (any order): per-video rows in video order,
+    frame-weighted aggregates, FVD over all windows, protocol."""
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r[0])
+    skipped = [s for _, s in sorted((s for p in parts for s in p["skipped"]),
+                                    key=lambda s: s[0])]
+    emb = sorted((e for p in parts for e in p["emb"]), key=lambda e: e[0])
+    per_video = [r for _, (r, _) in rows]
+    frames_scored = sum(r["scored_frames"] for r in per_video)
+    sums = {k: sum(s.get(k, 0.0) for _, (_, s) in rows) for k in ("psnr", "ssim", "lpips")}
     result = {k: (sums[k] / frames_scored if frames_scored and (k != "lpips" or self.lpips_net)
                   else None) for k in sums}
     result["fvd"] = None
-    n_clips = sum(len(e) for e in real_emb)
+    n_clips = sum(len(r) for _, (r, _) in emb)
     if self.fvd and n_clips >= 2:
-      result["fvd"] = float(self.fvd_lib.frechet_distance(np.concatenate(real_emb),
-                                                          np.concatenate(fake_emb)))
+      result["fvd"] = float(self.fvd_lib.frechet_distance(
+          np.concatenate([r for _, (r, _) in emb]), np.concatenate([f for _, (_, f) in emb])))
     elif self.fvd:
       log.warning("FVD needs at least 2 clips, got %d: not computed", n_clips)
     protocol = self.protocol()
     protocol.update(num_videos=len(per_video), num_clips=n_clips, num_frames_scored=frames_scored,
                     num_skipped=len(skipped))
     result.update(protocol=protocol, videos=per_video, skipped=skipped,
-                  seconds=time.monotonic() - t0)
+                  seconds=max(p["seconds"] for p in parts))
+    timing = collections.Counter()
+    for p in parts:
+      timing.update(p["timing"])
+    # Main-thread seconds: waiting for decoded videos, dispatching, waiting for device results.
+    result["timing"] = {k: round(v, 3) for k, v in timing.items()}
     return result
 
   def _embed(self, clips01):
-    """I3D embeddings of windows in [0, 1] as uint8 (rounded), in fixed batches of FVD_BATCH
-    (one compiled shape whatever the window count of a video)."""
+    """Long mode: I3D embeddings of clips in [0, 1] as uint8 (rounded), FVD_BATCH per call (one
+    compile per clip length; I3D's time mean spans the whole clip)."""
     u8 = np.round(np.clip(clips01, 0, 1) * 255).astype(np.uint8)
     k = len(u8)
     pad = -k % FVD_BATCH
     if pad:
       u8 = np.concatenate([u8, np.repeat(u8[-1:], pad, 0)])
-    emb = self.fvd_lib.i3d_embeddings(u8, batch_size=FVD_BATCH, variables=self.i3d)
-    return emb[:k]
+    logits = self.fvd_lib._logits  # pylint: disable=protected-access
+    emb = [jax.device_get(logits(self.i3d, jax.device_put(u8[s:s + FVD_BATCH])))
+           for s in range(0, len(u8), FVD_BATCH)]
+    return np.concatenate(emb)[:k].astype(np.float64)
 
   def _reconstruct_long(self, clip, first_window):
     """Long mode: the one clip (1, T, h, w, 3) streamed chunk by chunk (causal: the official
     tiled inference, 16-frame chunks with overlap; non-causal: 16-frame windows), then scored
-    in fixed groups of 16 frames (one compile whatever T)."""
+    in groups of 16 frames, `batch_size * devices` groups per call (one program whatever T)."""
     if self._streamer is None:
       self._streamer = Streamer(self.model.config, self.params, t_chunk_enc=LONG_CHUNK,
                                 use_overlap=True, window=LONG_CHUNK,
@@ -307,31 +509,17 @@ class Evaluator:
     self._streamer.seed = self.seed + first_window
     recon = (self._streamer.reconstruct(clip * 2.0 - 1.0) + 1.0) / 2.0
     t = clip.shape[1]
-    pad = -t % LONG_CHUNK
+    b = self.batch_size * self.n_dev
+    groups = -(-t // LONG_CHUNK)
+    pad = (-groups % b) * LONG_CHUNK + (-t % LONG_CHUNK)
     xs, rs = (pad_frames(v, t + pad).reshape(-1, LONG_CHUNK, *v.shape[2:])
               for v in (clip, recon))
-    out = jax.device_get(self._metrics(self.lpips_params, jnp.asarray(xs), jnp.asarray(rs)))
+    put = lambda v: jax.device_put(v, self._batch_sharding)  # noqa: E731
+    outs = [self._metrics(self.lpips_params, put(xs[s:s + b]), put(rs[s:s + b]))
+            for s in range(0, len(xs), b)]
+    outs = jax.device_get(outs)
+    out = {n: np.concatenate([o[n] for o in outs]) for n in outs[0]}
     return {n: v.reshape(1, -1)[:, :t] for n, v in out.items()}, recon.astype(np.float32)
-
-  def _reconstruct(self, clips, first_window):
-    """Metrics `{name: (K, T)}` and reconstructions (K, T, h, w, 3) [0, 1] of all windows."""
-    if self.mode == "long":
-      return self._reconstruct_long(clips, first_window)
-    k = len(clips)
-    b = self.batch_size * self.n_dev
-    scores, recons = [], []
-    for lo in range(0, k, b):
-      chunk = clips[lo:lo + b]
-      pad = b - len(chunk)
-      if pad:  # fixed batch shape: one compile per window shape
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-      key = jax.random.fold_in(jax.random.PRNGKey(self.seed), first_window + lo)
-      out, r = self._step(self.params, self.lpips_params, jnp.asarray(chunk), key)
-      out = jax.device_get(out)
-      scores.append({n: v[:len(chunk) - pad] for n, v in out.items()})
-      recons.append(np.asarray(r)[:len(chunk) - pad])
-    merged = {n: np.concatenate([s[n] for s in scores]) for n in scores[0]}
-    return merged, np.concatenate(recons)
 
 
 def format_table(result: dict) -> str:

@@ -27,9 +27,15 @@ always has exactly T frames.
 
 Large frames: `tile=(th, tw)` encodes and decodes overlapping spatial tiles (each streamed over
 time on its own) and blends them with linear ramps over `tile_overlap` pixels (FSQ latents are
-not blended but taken from the tile whose centre is nearest, so tokens stay valid). `mesh`
-shards each chunk's height over the mesh's devices instead (XLA exchanges the conv halos), which
-is exact.
+not blended but taken from the tile whose centre is nearest, so tokens stay valid). Tiles all
+have one shape; `tile_batch` of them run in one call (a vmapped program, each tile with the key
+it would have alone), so memory grows with `tile_batch`. `mesh` shards each chunk's height over
+the mesh's devices instead (XLA exchanges the conv halos), which is exact.
+
+The device never waits on the host: chunk k+1 is dispatched before chunk k is read back
+(double-buffered; its caches stay on the device), inputs go up with one explicit `device_put`
+per chunk and results come back with one `device_get`, and sampling keys are derived on the
+device, so a whole video runs under `jax.transfer_guard("disallow")`.
 """
 
 import logging
@@ -103,6 +109,7 @@ class Streamer:
     window: frames per independent window of a non-causal model (a multiple of 4).
     tile: `(th, tw)` pixel tile for spatial tiling (multiples of the spatial factor), None: off.
     tile_overlap: pixels shared by neighbouring tiles (a multiple of the spatial factor).
+    tile_batch: tiles per call (memory grows with it; results do not change).
     mesh: a `jax.sharding.Mesh` with one axis: shards each chunk's height over its devices.
     sample: KL models sample the latent (seeded per chunk from `seed`) as the official
       forward does; default the posterior mode.
@@ -110,7 +117,7 @@ class Streamer:
 
   def __init__(self, config, params, *, t_chunk_enc: int = 16, use_overlap: bool = True,
                window: int = 16, tile: Optional[Sequence[int]] = None, tile_overlap: int = 64,
-               mesh=None, sample: bool = False, seed: int = 42):
+               tile_batch: int = 1, mesh=None, sample: bool = False, seed: int = 42):
     self.model = VidTok(config)
     spec = self.spec = self.model.config
     f, sf = spec.time_downsample_factor, spec.spatial_factor
@@ -127,6 +134,9 @@ class Streamer:
       if tile_overlap < 0 or tile_overlap % sf or tile_overlap >= min(tile):
         raise ValueError(f"tile_overlap must be a multiple of {sf} smaller than the tile, got "
                          f"{tile_overlap}")
+    if tile_batch < 1:
+      raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    self.tile_batch = int(tile_batch)
     self.t_chunk_enc, self.t_chunk_dec = t_chunk_enc, max(t_chunk_enc // f, 1)
     self.use_overlap, self.window = use_overlap, window
     self.tile, self.tile_overlap = tile, tile_overlap
@@ -140,84 +150,136 @@ class Streamer:
       params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                  jax.sharding.PartitionSpec()))
     self.variables = {"params": params}
-    model = self.model
+    model, sample = self.model, self.sample
+
+    def enc(v, x, st, seed_k):  # seed_k: uint32 (seed, chunk); the key is made on the device
+      key = jax.random.fold_in(jax.random.key(seed_k[0]), seed_k[1])
+      return model.apply(v, x, st, sample, 0, False, rngs={"sample": key},
+                         method=VidTok.encode_chunk)
+
+    def dec(v, z, st, ov, idx):
+      return _clip(model.apply(v, z, st, ov, idx, method=VidTok.decode_chunk))
+
+    def enc_window(v, x):
+      return model.apply(v, x, compute_aux=False, method=VidTok.encode)
+
+    def dec_window(v, z, idx):
+      return jnp.clip(model.apply(
+          v, z, method=VidTok.decode_indices if idx else VidTok.decode), -1.0, 1.0)
+
+    # One program per chunk kind; a leading tile axis (vmapped) when tiles run together.
     # State is donated: a chunk's caches are dead once the next chunk's are computed.
-    self._enc = jax.jit(
-        lambda v, x, st, key: model.apply(v, x, st, self.sample, 0, False,
-                                          rngs={"sample": key}, method=VidTok.encode_chunk),
-        donate_argnums=(2,))
-    self._dec = jax.jit(
-        lambda v, z, st, ov, idx: _clip(model.apply(v, z, st, ov, idx,
-                                                    method=VidTok.decode_chunk)),
-        static_argnums=(3, 4), donate_argnums=(2,))
-    self._enc_window = jax.jit(lambda v, x: model.apply(v, x, compute_aux=False,
-                                                        method=VidTok.encode))
-    self._dec_window = jax.jit(
-        lambda v, z, idx: jnp.clip(model.apply(
-            v, z, method=VidTok.decode_indices if idx else VidTok.decode), -1.0, 1.0),
-        static_argnums=(2,))
+    self._enc = {n: jax.jit(jax.vmap(enc, (None, 0, 0, None)) if n else enc,
+                            donate_argnums=(2,)) for n in (False, True)}
+    self._dec = {n: jax.jit(jax.vmap(dec, (None, 0, 0, None, None)) if n else dec,
+                            static_argnums=(3, 4), donate_argnums=(2,)) for n in (False, True)}
+    self._enc_window = {n: jax.jit(jax.vmap(enc_window, (None, 0)) if n else enc_window)
+                        for n in (False, True)}
+    self._dec_window = {n: jax.jit(jax.vmap(dec_window, (None, 0, None)) if n else dec_window,
+                                   static_argnums=(2,)) for n in (False, True)}
 
   # -- device placement ---------------------------------------------------------------------
 
   def _put(self, x):
+    """One explicit upload of a chunk `(B, T, h, w, C)` (or `(tiles, B, ...)`)."""
     if self.mesh is None:
-      return jnp.asarray(x)
-    # The training "space" axis's layout; heights the mesh does not divide (small latents) are
-    # replicated instead of sharded.
-    return jax.device_put(x, height_sharding(self.mesh, x.shape, space=self.mesh.axis_names[0]))
+      return jax.device_put(x)
+    axis = self.mesh.axis_names[0]
+    hax = x.ndim - 3  # height
+    # Heights the mesh does not divide (small latents) are replicated instead of sharded.
+    split = x.shape[hax] % self.mesh.shape[axis] == 0
+    spec = jax.sharding.PartitionSpec(*([None] * hax), axis if split else None)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
-  # -- one spatial tile -----------------------------------------------------------------------
+  # -- spatial tiles of one shape, `(n, B, T, h, w, C)`, n tiles per call ----------------------
+  # Each loop dispatches chunk k+1 before it reads chunk k back (`_pipelined`).
 
   def _encode_stream(self, x, bar):
-    """Causal: `(z, indices or None)` of host video `x` (B, T, h, w, 3), chunk by chunk."""
-    zs, idx, state = [], [], None
-    key = jax.random.key(self.seed)
-    for k, (s, e) in enumerate(chunk_bounds(x.shape[1], self.t_chunk_enc)):
-      z, aux, state = self._enc(self.variables, self._put(x[:, s:e]), state,
-                                jax.random.fold_in(key, k))
-      zs.append(np.asarray(z))
-      if "indices" in aux:
-        idx.append(np.asarray(aux["indices"]))
-      bar.update(e - s)
-    return np.concatenate(zs, 1), (np.concatenate(idx, 1) if idx else None)
+    """Causal: `(z, indices or None)` of host tiles `x` (n, B, T, h, w, 3), chunk by chunk."""
+    n = x.shape[0]
+    run, state, seed = self._enc[n > 1], None, np.uint32(self.seed)
+
+    def calls():
+      nonlocal state
+      for k, (s, e) in enumerate(chunk_bounds(x.shape[2], self.t_chunk_enc)):
+        chunk = x[:, :, s:e] if n > 1 else x[0, :, s:e]
+        z, aux, state = run(self.variables, self._put(chunk), state,
+                            jax.device_put(np.array([seed, k], np.uint32)))
+        yield (z, aux.get("indices")), e - s
+
+    zs, idx = [], []
+    for (z, ind), frames in _pipelined(calls()):
+      zs.append(z if n > 1 else z[None])
+      if ind is not None:
+        idx.append(ind if n > 1 else ind[None])
+      bar.update(frames * n)
+    return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
 
   def _decode_stream(self, z, indices, bar):
-    """Causal: decoded frames in [-1, 1] of latents (or FSQ indices) `z`, chunk by chunk."""
+    """Causal: decoded tiles in [-1, 1] of latents (or FSQ indices) `z` (n, B, t, h, w[, C]),
+    chunk by chunk."""
     src = z if indices is None else indices
-    t, c, f = src.shape[1], self.t_chunk_dec, self.spec.time_downsample_factor
+    n, t, c, f = src.shape[0], src.shape[2], self.t_chunk_dec, self.spec.time_downsample_factor
     sf = self.spec.spatial_factor
+    run, state = self._dec[n > 1], None
     # Written in place: a list of chunks plus their concatenation would hold the video twice.
-    out = np.empty((src.shape[0], f * t, src.shape[2] * sf, src.shape[3] * sf,
+    out = np.empty((n, src.shape[1], f * t, src.shape[3] * sf, src.shape[4] * sf,
                     self.spec.out_ch), np.float32)
-    pos, state = 0, None
-    for s, e in chunk_bounds(t, c):
-      overlap = self.use_overlap and e + 1 <= t
-      zc = src[:, s: e + 1 if overlap else e]
-      y, state = self._dec(self.variables, self._put(zc), state, overlap, indices is not None)
-      out[:, pos: pos + y.shape[1]] = np.asarray(y)
-      pos += y.shape[1]
-      bar.update((e - s) * f)
-    return out[:, :pos]
+
+    def calls():
+      nonlocal state
+      for s, e in chunk_bounds(t, c):
+        overlap = self.use_overlap and e + 1 <= t
+        zc = src[:, :, s: e + 1 if overlap else e]
+        y, state = run(self.variables, self._put(zc if n > 1 else zc[0]), state, overlap,
+                       indices is not None)
+        yield y, (e - s) * f
+
+    pos = 0
+    for y, frames in _pipelined(calls()):
+      y = y if n > 1 else y[None]
+      out[:, :, pos: pos + y.shape[2]] = y
+      pos += y.shape[2]
+      bar.update(frames * n)
+    return out[:, :, :pos]
 
   def _encode_windows(self, x, bar):
+    n = x.shape[0]
+    run = self._enc_window[n > 1]
+
+    def calls():
+      for s in range(0, x.shape[2], self.window):
+        xc = x[:, :, s: s + self.window]
+        z, aux = run(self.variables, self._put(xc if n > 1 else xc[0]))
+        yield (z, aux.get("indices")), min(self.window, x.shape[2] - s)
+
     zs, idx = [], []
-    for s in range(0, x.shape[1], self.window):
-      z, aux = self._enc_window(self.variables, self._put(x[:, s: s + self.window]))
-      zs.append(np.asarray(z))
-      if "indices" in aux:
-        idx.append(np.asarray(aux["indices"]))
-      bar.update(min(self.window, x.shape[1] - s))
-    return np.concatenate(zs, 1), (np.concatenate(idx, 1) if idx else None)
+    for (z, ind), frames in _pipelined(calls()):
+      zs.append(z if n > 1 else z[None])
+      if ind is not None:
+        idx.append(ind if n > 1 else ind[None])
+      bar.update(frames * n)
+    return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
 
   def _decode_windows(self, z, indices, bar):
     src = z if indices is None else indices
-    per = self.window // self.spec.time_downsample_factor
+    n, per = src.shape[0], self.window // self.spec.time_downsample_factor
+    run = self._dec_window[n > 1]
+
+    def calls():
+      for s in range(0, src.shape[2], per):
+        zc = src[:, :, s: s + per]
+        yield run(self.variables, self._put(zc if n > 1 else zc[0]), indices is not None), None
+
     outs = []
-    for s in range(0, src.shape[1], per):
-      y = self._dec_window(self.variables, self._put(src[:, s: s + per]), indices is not None)
-      outs.append(np.asarray(y))
-      bar.update(y.shape[1])
-    return np.concatenate(outs, 1)
+    for y, _ in _pipelined(calls()):
+      y = y if n > 1 else y[None]
+      outs.append(y)
+      bar.update(y.shape[2] * n)
+    return np.concatenate(outs, 2)
+
+  def _tile_groups(self, tiles):
+    return [tiles[i:i + self.tile_batch] for i in range(0, len(tiles), self.tile_batch)]
 
   # -- public API -----------------------------------------------------------------------------
 
@@ -267,19 +329,24 @@ class Streamer:
     fsq = self.spec.regularizer == "fsq"
     with self._bar(video.shape[1] * len(hs) * len(ws), "encode", progress) as bar:
       if len(hs) * len(ws) == 1:
-        z, idx = run(video, bar)
+        z, idx = run(video[None], bar)
+        z, idx = z[0], (None if idx is None else idx[0])
       else:
         wh = blend_weights(video.shape[2] // sf, [h // sf for h in hs], th // sf, o // sf, fsq)
         ww = blend_weights(video.shape[3] // sf, [w // sf for w in ws], tw // sf, o // sf, fsq)
         z = idx = None
-        for i, h0 in enumerate(hs):
-          for j, w0 in enumerate(ws):
-            zt, it = run(video[:, :, h0:h0 + th, w0:w0 + tw], bar)
+        tiles = [(i, j, h0, w0) for i, h0 in enumerate(hs) for j, w0 in enumerate(ws)]
+        for group in self._tile_groups(tiles):
+          zg, ig = run(np.stack([video[:, :, h0:h0 + th, w0:w0 + tw]
+                                 for _, _, h0, w0 in group]), bar)
+          for g, (i, j, h0, w0) in enumerate(group):
+            zt, it = zg[g], (None if ig is None else ig[g])
             if z is None:
               z = np.zeros(zt.shape[:2] + (video.shape[2] // sf, video.shape[3] // sf,
                                            zt.shape[-1]), np.float64)
               idx = None if it is None else np.zeros(z.shape[:4], np.int64)
-            hl, wl = slice(h0 // sf, h0 // sf + zt.shape[2]), slice(w0 // sf, w0 // sf + zt.shape[3])
+            hl = slice(h0 // sf, h0 // sf + zt.shape[2])
+            wl = slice(w0 // sf, w0 // sf + zt.shape[3])
             wt = wh[i, hl][:, None] * ww[j, wl][None, :]
             z[:, :, hl, wl] += zt * wt[None, None, :, :, None]
             if it is not None:
@@ -309,19 +376,24 @@ class Streamer:
     total = z.shape[1] * f * len(hs) * len(ws)
     with self._bar(total, "decode", progress) as bar:
       if len(hs) * len(ws) == 1:
-        y = run(lat, idx, bar)
+        y = run(None if lat is None else lat[None], None if idx is None else idx[None], bar)[0]
       else:
         hp, wp = z.shape[2] * sf, z.shape[3] * sf
         wh = blend_weights(hp, [h * sf for h in hs], th * sf, o * sf)
         ww = blend_weights(wp, [w * sf for w in ws], tw * sf, o * sf)
         y = None
-        for i, h0 in enumerate(hs):
-          for j, w0 in enumerate(ws):
-            part = (slice(None), slice(None), slice(h0, h0 + th), slice(w0, w0 + tw))
-            yt = run(None if lat is None else lat[part], None if idx is None else idx[part], bar)
+        tiles = [(i, j, h0, w0) for i, h0 in enumerate(hs) for j, w0 in enumerate(ws)]
+        for group in self._tile_groups(tiles):
+          parts = [(slice(None), slice(None), slice(h0, h0 + th), slice(w0, w0 + tw))
+                   for _, _, h0, w0 in group]
+          yg = run(None if lat is None else np.stack([lat[p] for p in parts]),
+                   None if idx is None else np.stack([idx[p] for p in parts]), bar)
+          for g, (i, j, h0, w0) in enumerate(group):
+            yt = yg[g]
             if y is None:
               y = np.zeros((yt.shape[0], yt.shape[1], hp, wp, yt.shape[-1]), np.float32)
-            hl, wl = slice(h0 * sf, h0 * sf + yt.shape[2]), slice(w0 * sf, w0 * sf + yt.shape[3])
+            hl = slice(h0 * sf, h0 * sf + yt.shape[2])
+            wl = slice(w0 * sf, w0 * sf + yt.shape[3])
             wt = (wh[i, hl][:, None] * ww[j, wl][None, :]).astype(np.float32)
             y[:, :, hl, wl] += yt * wt[None, None, :, :, None]
     if num_frames is not None and num_frames < y.shape[1]:
@@ -334,6 +406,19 @@ class Streamer:
     video = self._check(video)
     z, aux = self.encode(video, progress=progress)
     return self.decode(z, video.shape[1], progress=progress)
+
+
+def _pipelined(calls):
+  """`(host result, tag)` of each `(device result, tag)` that `calls` yields, read back (one
+  `jax.device_get`) only after the next call has been dispatched: the device runs chunk k+1
+  while the host copies chunk k out."""
+  prev = None
+  for cur in calls:
+    if prev is not None:
+      yield jax.device_get(prev[0]), prev[1]
+    prev = cur
+  if prev is not None:
+    yield jax.device_get(prev[0]), prev[1]
 
 
 def _clip(out):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vidtok_jax.models.layers import Cache, CausalConv, Conv, at_least_f32, normalize
+from vidtok_jax.models.layers import Cache, CausalConv, Conv, normalize
 
 Dtype = Any
 
@@ -135,11 +135,47 @@ class ResnetBlock3D(nn.Module):
     return (y, new) if return_cache else y
 
 
+# Query rows per attention block: a frame's (H*W)^2 logits are built `ATTN_QUERY_BLOCK` rows at a
+# time, so a 1080p frame at the latent of an 8x8 model (32400 positions) needs ~0.25 GB of float32
+# logits instead of ~4 GB; frames with at most this many positions take one block (no loop).
+ATTN_QUERY_BLOCK = 2048
+
+
+def attention(q, k, v, precision=None, query_block: Optional[int] = None):
+  """Single-head `softmax(q k^T / sqrt(C)) v` of `(N, L, C)` arrays, via
+  `jax.nn.dot_product_attention`, in blocks of at most `query_block` (default
+  `ATTN_QUERY_BLOCK`) query rows.
+
+  Each query row's softmax is over all L keys, so blocking the queries is exact (no online
+  softmax), and only one `(N, block, L)` logits block is alive at a time (a `lax.map`).
+  """
+  n, l, c = q.shape
+  query_block = query_block or ATTN_QUERY_BLOCK
+
+  def rows(qb):  # (N, Lq, C) -> (N, Lq, C); heads axis of 1
+    if jnp.dtype(q.dtype).itemsize > 4:  # float64: dot_product_attention's softmax is float32
+      logits = jnp.einsum("nqc,nkc->nqk", qb, k, precision=precision) * (c ** -0.5)
+      return jnp.einsum("nqk,nkc->nqc", jax.nn.softmax(logits, axis=-1), v, precision=precision)
+    with jax.default_matmul_precision(precision):  # f32 dots; bf16 ones use BF16_BF16_F32
+      o = jax.nn.dot_product_attention(qb[:, :, None], k[:, :, None], v[:, :, None],
+                                       implementation="xla")
+    return o[:, :, 0]
+
+  if l <= query_block:
+    return rows(q)
+  nb = -(-l // query_block)
+  size = -(-l // nb)  # equal blocks, at most nb - 1 padded rows
+  qp = jnp.pad(q, ((0, 0), (0, nb * size - l), (0, 0)))
+  out = jax.lax.map(rows, qp.reshape(n, nb, size, c).swapaxes(0, 1))
+  return out.swapaxes(0, 1).reshape(n, nb * size, c)[:, :l]
+
+
 class AttnBlock(nn.Module):
   """`AttnBlockWrapper`: single-head softmax attention over the H*W positions of each frame.
 
   `out = x + proj_out(softmax(q k^T / sqrt(C)) v)`, q/k/v/proj_out 1x1x1 convs; the norm is per
-  frame (causal) or per clip (non-causal). No attention across time in either family.
+  frame (causal) or per clip (non-causal). No attention across time in either family. The
+  attention runs in query blocks (`attention`), so high-resolution frames fit without tiling.
   """
 
   causal: bool = True
@@ -159,10 +195,7 @@ class AttnBlock(nn.Module):
       return Conv(c, (1, 1, 1), name=name, **kw)
 
     h = normalize(self.norm_type, "frame" if self.causal else "clip", "norm", self.param_dtype)(x)
-    q, k, v = (proj(n)(h).reshape(b, t, hh * ww, c) for n in ("q", "k", "v"))
-    logits = jnp.einsum("btqc,btkc->btqk", q, k, precision=self.precision,
-                        preferred_element_type=at_least_f32(q.dtype)) * (c ** -0.5)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    o = jnp.einsum("btqk,btkc->btqc", weights, v, precision=self.precision)
+    q, k, v = (proj(n)(h).reshape(b * t, hh * ww, c) for n in ("q", "k", "v"))
+    o = attention(q, k, v, self.precision)
     o = proj("proj_out")(o.reshape(b, t, hh, ww, c))
     return x.astype(o.dtype) + o
