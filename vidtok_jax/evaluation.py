@@ -52,6 +52,7 @@ class VideoItem:
   """One source video: `frames()` -> (uint8 (T, H, W, 3) of the sampled frames, fps) or raises."""
   path: str
   load: callable
+  info: dict = dataclasses.field(default_factory=dict)  # filled by `load`, copied to the row
 
 
 def folder_videos(paths, sample_fps: float) -> Iterator[VideoItem]:
@@ -59,11 +60,15 @@ def folder_videos(paths, sample_fps: float) -> Iterator[VideoItem]:
   from vidtok_jax.data import decode
 
   for path in paths:
-    def load(path=path):
+    meta = {}
+
+    def load(path=path, meta=meta):
       frames, info = decode(path)
+      # Which video stream was read (FFmpeg's choice), for files with several.
+      meta.update(stream=info.stream, video_streams=info.num_video_streams)
       ids = np.arange(0, len(frames), sampling.frame_interval(info.fps, sample_fps))
       return frames[ids], info.fps
-    yield VideoItem(path, load)
+    yield VideoItem(path, load, meta)
 
 
 def tfds_videos(name: str, split: str, data_dir, sample_fps: float) -> Iterator[VideoItem]:
@@ -258,7 +263,7 @@ class Evaluator:
       scores, recon = self._reconstruct(clips, window_counter)
       window_counter += len(clips)
       row = {"path": item.path, "fps": fps, "frames": int(len(x01)), "windows": int(len(clips)),
-             "scored_frames": int(weight.sum())}
+             "scored_frames": int(weight.sum()), **item.info}
       for k, v in scores.items():
         s = float(np.sum(v * weight))
         sums[k] += s
