@@ -603,3 +603,23 @@ def test_bad_latents_and_indices(v10, fsq):
     st.decode(np.zeros((1, 2, 2, 4), np.float32))
   with pytest.raises(ValueError, match=r"expected token indices \(B, T', h, w\)"):
     fsq[2].decode(np.zeros((1, 2, 2, 2, 5), np.int32), indices=True)
+
+
+def test_progress_counts_real_frames_not_padding():
+  from vidtok_jax.streaming import _RealFrames
+
+  class Bar:
+    n = 0
+
+    def update(self, k):
+      self.n += k
+
+    def close(self):
+      pass
+
+  bar = Bar()
+  with _RealFrames(bar, real=10, padded=16) as b:  # two tiles of a 10-frame video padded to 16
+    for _ in range(2):
+      for k in (4, 4, 4, 4):
+        b.update(k)
+  assert bar.n == 20

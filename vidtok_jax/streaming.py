@@ -90,6 +90,25 @@ def blend_weights(n: int, starts: Sequence[int], tile: int, ramp: int, hard: boo
   return w / w.sum(0, keepdims=True)
 
 
+class _RealFrames:
+  """A progress bar fed frame counts of padded passes (`padded` frames each, the first `real`
+  of them the video's own) that shows only the real ones."""
+
+  def __init__(self, bar, real: int, padded: int):
+    self.bar, self.real, self.padded, self.pos = bar, real, padded, 0
+
+  def update(self, n: int):
+    start, self.pos = self.pos, self.pos + n
+    done = lambda p: (p // self.padded) * self.real + min(p % self.padded, self.real)
+    self.bar.update(done(self.pos) - done(start))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.bar.close()
+
+
 class Streamer:
   """Encode / decode / reconstruct host videos of any length chunk by chunk (see module doc).
 
@@ -239,10 +258,13 @@ class Streamer:
       raise ValueError(f"expected float pixels in [-1, 1], got dtype {video.dtype}")
     return video.astype(np.float32, copy=False)  # no copy of a float32 video
 
-  def _bar(self, total, desc, progress):
+  def _bar(self, real, padded, passes, desc, progress):
+    """A frame progress bar over `passes` passes (tiles) of `padded` frames each, of which the
+    first `real` are the video's own: it counts those, not the padding."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="frame", disable=not progress, leave=False)
+    return _RealFrames(tqdm(total=real * passes, desc=desc, unit="frame", disable=not progress,
+                            leave=False), real, padded)
 
   def _spatial(self, n_h, n_w, unit):
     """Tile starts per axis, in units of `unit` pixels (1: pixels, s: latents)."""
@@ -258,6 +280,7 @@ class Streamer:
     has `indices`. Causal models stream; non-causal ones run window by window (T padded at the
     end to a multiple of `window`)."""
     video = self._check(video)
+    real = video.shape[1]
     if not self.spec.causal:
       video = pad_frames(video, valid_length(self.spec, video.shape[1], self.window))
     elif self.spec.version == "v1.0":
@@ -266,7 +289,7 @@ class Streamer:
     sf = self.spec.spatial_factor
     hs, ws, th, tw, o = self._spatial(video.shape[2], video.shape[3], 1)
     fsq = self.spec.regularizer == "fsq"
-    with self._bar(video.shape[1] * len(hs) * len(ws), "encode", progress) as bar:
+    with self._bar(real, video.shape[1], len(hs) * len(ws), "encode", progress) as bar:
       if len(hs) * len(ws) == 1:
         z, idx = run(video, bar)
       else:
@@ -307,8 +330,9 @@ class Streamer:
     lat, idx = (None, z) if indices else (z, None)
     sf, f = self.spec.spatial_factor, self.spec.time_downsample_factor
     hs, ws, th, tw, o = self._spatial(z.shape[2], z.shape[3], sf)
-    total = z.shape[1] * f * len(hs) * len(ws)
-    with self._bar(total, "decode", progress) as bar:
+    padded = z.shape[1] * f  # frames counted per tile by the runners
+    real = padded if num_frames is None else min(num_frames, padded)
+    with self._bar(real, padded, len(hs) * len(ws), "decode", progress) as bar:
       if len(hs) * len(ws) == 1:
         y = run(lat, idx, bar)
       else:
