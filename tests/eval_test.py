@@ -205,13 +205,11 @@ def test_sampled_metrics_do_not_depend_on_the_batch(folder, params, sampled):
   _, y, _ = model.apply({"params": params}, jnp.asarray(clips[:1]) * 2 - 1, True, 0, False,
                         rngs={"sample": key})
   r01 = (jnp.clip(y, -1, 1) + 1) / 2
-  det = evaluation.Evaluator(tiny(), params, lpips_net=None, fvd=False, sample_posterior=False)
   assert r1["protocol"]["latent"].startswith("sampled")
-  got = jax.device_get(sampled._step(sampled.params, None, None,
-                                     jax.device_put(np.repeat(clips[:1], 3, 0)),
-                                     jax.device_put(np.full(3, first, np.uint32))))
+  put = lambda v: jax.device_put(v, sampled._batch_sharding)  # noqa: E731  (the run's placement)
+  got = jax.device_get(sampled._step(sampled.params, None, None, put(np.repeat(clips[:1], 3, 0)),
+                                     put(np.full(3, first, np.uint32))))
   np.testing.assert_allclose(got["psnr"][0], np.asarray(psnr(clips[0], r01[0])), rtol=1e-5)
-  del det
 
 
 def test_clips_mode_compiles_a_fixed_set_of_programs(sampled):

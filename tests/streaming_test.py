@@ -623,12 +623,14 @@ def test_tile_batch_equals_tiles_one_at_a_time_under_a_transfer_guard(name):
   with jax.transfer_guard("disallow"):
     z3, a3 = three.encode(x)
     y3 = three.decode(z3, num_frames=17)
-    assert_same_computation(z3, z1)
-    assert_same_computation(y3, y1)
+    # The vmapped program batches the convs: the same sums, other float32 rounding (amplified
+    # by the random ch=4 model to ~1e-4 in the frames): the module's float32 tolerance.
+    assert_close(z3, z1)
+    assert_close(y3, y1)
     if "indices" in a1:
       np.testing.assert_array_equal(a3["indices"], a1["indices"])
       yi = three.decode(a3["indices"], num_frames=17, indices=True)
-      assert_same_computation(yi, one.decode(a1["indices"], num_frames=17, indices=True))
+      assert_close(yi, one.decode(a1["indices"], num_frames=17, indices=True))
     y = one.reconstruct(x[:, :13])  # a new length: no implicit transfer either
   assert y.shape == (1, 13, 32, 24, 3)
 

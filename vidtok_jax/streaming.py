@@ -29,8 +29,9 @@ Large frames: `tile=(th, tw)` encodes and decodes overlapping spatial tiles (eac
 time on its own) and blends them with linear ramps over `tile_overlap` pixels (FSQ latents are
 not blended but taken from the tile whose centre is nearest, so tokens stay valid). Tiles all
 have one shape; `tile_batch` of them run in one call (a vmapped program, each tile with the key
-it would have alone), so memory grows with `tile_batch`. `mesh` shards each chunk's height over
-the mesh's devices instead (XLA exchanges the conv halos), which is exact.
+it would have alone: equal up to float32 rounding), so memory grows with `tile_batch`. `mesh`
+shards each chunk's height over the mesh's devices instead (XLA exchanges the conv halos), which
+is exact.
 
 The device never waits on the host: chunk k+1 is dispatched before chunk k is read back
 (double-buffered; its caches stay on the device), inputs go up with one explicit `device_put`
@@ -149,6 +150,8 @@ class Streamer:
                          f"{mesh.axis_names}")
       params = jax.device_put(params, jax.sharding.NamedSharding(mesh,
                                                                  jax.sharding.PartitionSpec()))
+    else:  # placed once: host (numpy) weights would otherwise be uploaded on every call
+      params = jax.device_put(params)
     self.variables = {"params": params}
     model, sample = self.model, self.sample
 
