@@ -49,7 +49,7 @@ def test_train_section(stage):
   assert cfg.total_steps == (50_000 if stage == 1 else 30_000)
   assert (cfg.checkpoint_every, cfg.keep_last, cfg.keep_best, cfg.eval_clips) == (1000, 3, 1, 32)
   assert t.fix_encoder == (stage == 2) and t.init_from == ""
-  assert t.ema_decay is None and t.dtype == "float32" and t.max_consecutive_nonfinite == 10
+  assert t.ema_decay is None and t.dtype == "auto" and t.max_consecutive_nonfinite == 10
   assert t.mesh.data_axis == "data" and t.mesh.fsdp is False
 
 
