@@ -27,16 +27,9 @@ from vidtok_jax import cli_flags
 
 FLAGS = flags.FLAGS
 cli_flags.define_model_flags()
-flags.DEFINE_string("data_dir", None, "Folder of videos (searched recursively).")
-flags.DEFINE_string("csv", None, "VidTok meta CSV (header `videos`) relative to --data_dir.")
-flags.DEFINE_string("tfds_name", None, "Prepared TFDS dataset instead of --data_dir.")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for --tfds_name.")
-flags.DEFINE_string("split", "validation", "TFDS split for --tfds_name.")
-flags.DEFINE_integer("size", 256, "Evaluation resolution (short side resized, centre crop).")
-flags.DEFINE_float("sample_fps", None, "Frame rate frames are sampled at (default: the config's "
-                   "data.eval_sample_fps).")
-flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
-flags.DEFINE_enum("mode", "clips", ["clips", "long"], "Windows, or one long clip per video.")
+cli_flags.define_data_flags("validation", "TFDS split for --tfds_name.",
+                            "Evaluation resolution (short side resized, centre crop).",
+                            "Windows, or one long clip per video.")
 flags.DEFINE_integer("batch_size", None, "Windows per local device per call, packed across "
                      "videos (default: 1 on CPU, 4 on GPU/TPU).")
 flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize(), each process "

@@ -19,6 +19,23 @@ def define_pretrained_flag():
                       "kl_causal_488_4chn (HF_HOME / HF_HUB_OFFLINE apply).")
 
 
+def define_data_flags(split: str, split_help: str, size_help: str, mode_help: str):
+  """The video source (`--data_dir` [+ `--csv`] or `--tfds_name` + `--split`) and the clip
+  protocol (`--size`, `--sample_fps`, `--num_frames`, `--mode`) of eval.py and tokenize."""
+  from absl import flags
+
+  flags.DEFINE_string("data_dir", None, "Folder of videos (searched recursively).")
+  flags.DEFINE_string("csv", None, "VidTok meta CSV (header `videos`) relative to --data_dir.")
+  flags.DEFINE_string("tfds_name", None, "Prepared TFDS dataset instead of --data_dir.")
+  flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for --tfds_name.")
+  flags.DEFINE_string("split", split, split_help)
+  flags.DEFINE_integer("size", 256, size_help)
+  flags.DEFINE_float("sample_fps", None, "Frame rate frames are sampled at (default: the config's "
+                     "data.eval_sample_fps).")
+  flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
+  flags.DEFINE_enum("mode", "clips", ["clips", "long"], mode_help)
+
+
 def define_model_flags():
   """`--config` and exactly-one-of `--workdir` / `--checkpoint` / `--torch_checkpoint` /
   `--pretrained`, plus `--use_ema`."""

@@ -210,13 +210,7 @@ class Streamer:
                             jax.device_put(np.array([seed, k], np.uint32)))
         yield (z, aux.get("indices")), e - s
 
-    zs, idx = [], []
-    for (z, ind), frames in _pipelined(calls()):
-      zs.append(z if n > 1 else z[None])
-      if ind is not None:
-        idx.append(ind if n > 1 else ind[None])
-      bar.update(frames * n)
-    return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
+    return _collect_latents(calls(), n, bar)
 
   def _decode_stream(self, z, indices, bar):
     """Causal: decoded tiles in [-1, 1] of latents (or FSQ indices) `z` (n, B, t, h, w[, C]),
@@ -256,13 +250,7 @@ class Streamer:
         z, aux = run(self.variables, self._put(xc if n > 1 else xc[0]))
         yield (z, aux.get("indices")), min(self.window, x.shape[2] - s)
 
-    zs, idx = [], []
-    for (z, ind), frames in _pipelined(calls()):
-      zs.append(z if n > 1 else z[None])
-      if ind is not None:
-        idx.append(ind if n > 1 else ind[None])
-      bar.update(frames * n)
-    return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
+    return _collect_latents(calls(), n, bar)
 
   def _decode_windows(self, z, indices, bar):
     src = z if indices is None else indices
@@ -409,6 +397,18 @@ class Streamer:
     video = self._check(video)
     z, aux = self.encode(video, progress=progress)
     return self.decode(z, video.shape[1], progress=progress)
+
+
+def _collect_latents(calls, n, bar):
+  """`(z, indices or None)` of the encode `calls` ((z, indices), frames) of n tiles (a single
+  tile's outputs lack the tile axis), concatenated along time; the bar counts real frames."""
+  zs, idx = [], []
+  for (z, ind), frames in _pipelined(calls):
+    zs.append(z if n > 1 else z[None])
+    if ind is not None:
+      idx.append(ind if n > 1 else ind[None])
+    bar.update(frames * n)
+  return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
 
 
 def _pipelined(calls):

@@ -22,17 +22,10 @@ from vidtok_jax import cli_flags
 
 FLAGS = flags.FLAGS
 cli_flags.define_model_flags()
-flags.DEFINE_string("data_dir", None, "Folder of videos (searched recursively).")
-flags.DEFINE_string("csv", None, "VidTok meta CSV (header `videos`) relative to --data_dir.")
-flags.DEFINE_string("tfds_name", None, "Prepared TFDS dataset instead of --data_dir.")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for --tfds_name.")
-flags.DEFINE_string("split", "train", "TFDS split; also the shard name prefix.")
-flags.DEFINE_integer("size", 256, "Resolution (short side resized, centre crop).")
-flags.DEFINE_float("sample_fps", None, "Frame rate frames are sampled at (default: the config's "
-                   "data.eval_sample_fps).")
-flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
-flags.DEFINE_enum("mode", "clips", ["clips", "long"], "A record per window, or per video (first "
-                  "16k(+1) frames, streamed chunk by chunk).")
+cli_flags.define_data_flags("train", "TFDS split; also the shard name prefix.",
+                            "Resolution (short side resized, centre crop).",
+                            "A record per window, or per video (first 16k(+1) frames, streamed "
+                            "chunk by chunk).")
 flags.DEFINE_string("out", None, "Output folder (local or gs://).")
 flags.DEFINE_enum("store", "mean", ["mean", "mean_logvar", "sample"], "KL models: what to store.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "KL latent dtype.")
