@@ -155,7 +155,9 @@ def v10():
   params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", ch=4, num_res_blocks=1,
                                dtype="float64", param_dtype="float64")
-  return vidtok_jax.VidTok(cfg), params, Streamer(cfg, params, t_chunk_enc=4)
+  with jax.enable_x64(True):  # the Streamer places its weights at construction: keep float64
+    st = Streamer(cfg, params, t_chunk_enc=4)
+  return vidtok_jax.VidTok(cfg), params, st
 
 
 @pytest.fixture(scope="module")
