@@ -18,10 +18,16 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 LATEST_TESTS ?= tests/layers_test.py tests/blocks_test.py tests/regularizers_test.py \
 	tests/autoencoder_test.py tests/train_step_test.py tests/streaming_test.py \
 	tests/convert_test.py tests/torch_zip_test.py tests/pretrained_test.py tests/core_imports_test.py
+# `make install-tpu`: libtpu (the one jax[tpu]==0.10.2 brings) in its own venv $(VENV_TPU) that sees
+# $(VENV)'s packages, so TPU programs compile ahead of time on this CPU machine
+# (`$(VENV_TPU)/bin/python -m vidtok_jax.bench --topology v5p:4x4x4 ...`) while $(VENV) stays
+# CPU-only. `make test` runs its TPU compile test with it.
+VENV_TPU ?= .venv-tpu
+LIBTPU ?= libtpu==0.0.42.1
 # Lint tools are pinned here, not in requirements.txt (lint is not part of CI yet).
 LINT_REQS := ruff==0.17.6 pyink==26.5.1
 
-.PHONY: install install-test demo test install-latest test-latest lint format clean
+.PHONY: install install-tpu install-test demo test install-latest test-latest lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +36,13 @@ install: $(PY)
 	$(PIP) install -r requirements.txt
 	$(PIP) install -e . --no-deps
 
-install-test: install
+install-tpu: install
+	$(PYTHON) -m venv $(VENV_TPU)
+	$(VENV_TPU)/bin/python -m pip install --no-deps "$(LIBTPU)"
+	$(PY) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" > "$$($(VENV_TPU)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vidtok_main_venv.pth"
+	$(VENV_TPU)/bin/python -c "import jax, libtpu, vidtok_jax; print('$(VENV_TPU): jax', jax.__version__, '+ libtpu')"
+
+install-test: install install-tpu
 	$(PIP) install -r requirements-test.txt
 	$(PIP) install --no-deps -r requirements-demo.txt
 

@@ -199,7 +199,9 @@ def cli_tfrecord(tmp_path_factory):
       (stubs / m).mkdir()
       (stubs / m / "__init__.py").write_text("def __getattr__(name):\n  return type(name, (), {})\n")
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{stubs}"
-  tfds_script = shutil.which("tfds") or pytest.skip("no `tfds` script on PATH")
+  # The venv's own script (CI does not activate the venv, so it is not on PATH there).
+  tfds_script = shutil.which("tfds", path=os.path.dirname(sys.executable)) or shutil.which("tfds")
+  assert tfds_script, "no `tfds` script beside the interpreter or on PATH"
   r = _run([tfds_script, "build", "vidtok_jax/data/tfds_builder.py", f"--manual_dir={folder}",
             f"--data_dir={out}", "--file_format=tfrecord",
             '--config={"name": "tiny", "store_short_side": 32}'], **env)
