@@ -43,7 +43,7 @@ def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   (size `fsdp_size`, 0 = local device count) and a last `"space"` axis when
   `config.train.mesh.space > 1`. `data` takes the devices left over."""
   mc = config.train.mesh
-  devices = list(jax.devices() if devices is None else devices)
+  devices = host_major(jax.devices() if devices is None else devices)
   n = len(devices)
   space = check_space(config, n)
   names, shape = [mc.data_axis], [n // space]
@@ -59,6 +59,13 @@ def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   # Consecutive devices (same host first) share an fsdp group and a space group: their
   # collectives (halo exchanges every conv) stay local.
   return Mesh(np.asarray(devices).reshape(shape), tuple(names))
+
+
+def host_major(devices) -> list:
+  """`devices` ordered by (process, id): consecutive devices, hence every fsdp and space group
+  of `make_mesh` (space groups divide the per-host device count), lie on one host, whatever
+  order the runtime lists them in."""
+  return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
 def check_space(config, n_devices: int) -> int:
