@@ -95,7 +95,8 @@ def load_video(path, size, sample_fps: float = 30.0):
   frames = frames[::interval]  # frame ids 0, d, 2d, ... (official)
   frames01 = sampling.resize_short_side_and_center_crop(frames, size)
   return frames01, dict(path=info.path, fps=info.fps, num_source_frames=info.num_frames,
-                        frame_interval=interval, source_size=[info.height, info.width])
+                        frame_interval=interval, source_size=[info.height, info.width],
+                        stream=info.stream, video_streams=info.num_video_streams)
 
 
 def split_windows(frames, num_frames: int, what: str = "the video", hint: str = "") -> np.ndarray:
@@ -495,6 +496,7 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   summary = dict(input=info["path"], variant=variant, size=[h, w], sample_fps=sample_fps,
                  frame_interval=info["frame_interval"], source_fps=info["fps"],
                  num_source_frames=info["num_source_frames"], num_input_frames=len(frames01),
+                 stream=info["stream"], video_streams=info["video_streams"],
                  num_frames=num_frames, num_windows=len(windows), num_output_frames=len(recon),
                  dropped_frames=len(frames01) - len(recon), latent=latent, seed=seed,
                  psnr_definition="-10 log10(mse + 1e-8) per frame, [0,1], clamped float recon",

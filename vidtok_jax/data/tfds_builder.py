@@ -222,7 +222,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         continue
       record = dict(path=rel, split=split, fps=round(info.fps, 4), num_frames=int(info.num_frames),
                     height=info.height, width=info.width,
-                    orig_height=probed.height, orig_width=probed.width)
+                    orig_height=probed.height, orig_width=probed.width,
+                    stream=info.stream, video_streams=info.num_video_streams)
       meta["videos"].append(record)
       log.info("[%s %d/%d] %s: %dx%d %.3f fps %d frames", split, n + 1, len(paths), rel,
                probed.width, probed.height, info.fps, info.num_frames)
@@ -266,7 +267,9 @@ def build_video_folder(folder, data_dir, csv=None, store_short_side=256, strict=
   folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
   data_dir = os.path.expanduser(os.fspath(data_dir))
   params = dict(store_short_side=store_short_side, strict=strict, min_side=min_side,
-                csv_name=None if csv is None else os.fspath(csv), version=str(VideoFolder.VERSION))
+                csv_name=None if csv is None else os.fspath(csv), version=str(VideoFolder.VERSION),
+                # Builds made when the first video stream was read get another name: rebuilt.
+                video_stream="ffmpeg_best")
   fp = folder_fingerprint(folder, csv, **params)
   slug = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(folder.rstrip(os.sep)))[:40] or "videos"
   name = f"{slug}_s{store_short_side or 'native'}_{fp[:12]}"
