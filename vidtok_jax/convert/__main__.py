@@ -1,11 +1,15 @@
 """Convert official VidTok checkpoints to Flax params (orbax) and back.
 
   python -m vidtok_jax.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
-      --config vidtok_kl_causal_488_4chn [--set ch=8 ...] [--out DIR] [--force]
-  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors
+      --config vidtok_kl_causal_488_4chn [--config.model.ch=8 ...] [--out DIR] [--force]
+  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors \
+      [--config.model.ch=8 ...] [--force]
 
-`--config` is an official variant name for `vidtok_jax.load_config`; each `--set field=value`
+`--config` is an official variant name for `vidtok_jax.load_config`; each model field override,
+`--config.model.FIELD=VALUE` (as in train.py / eval.py / reconstruct.py) or `--set FIELD=VALUE`,
 becomes a keyword override (values parsed as Python literals, else kept as strings).
+Neither command replaces an existing output unless `--force` is given; `to-torch` writes under a
+temporary name and renames it when complete.
 `to-torch` reads a params tree saved by `to-flax` (or any orbax StandardCheckpointer save of a
 bare params tree).
 """
@@ -19,6 +23,7 @@ import numpy as np
 
 from vidtok_jax.convert.io import load_state_dict, save_safetensors
 from vidtok_jax.convert.keys import params_from_state_dict, state_dict_from_params
+from vidtok_jax.safe_write import OutputExistsError, atomic_path, refuse_existing
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 
@@ -33,6 +38,21 @@ def _overrides(pairs):
       out[field.strip()] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       out[field.strip()] = text  # bare strings, e.g. --set norm_type=groupnorm
+  return out
+
+
+def _config_overrides_as_set(argv):
+  """`--config.model.FIELD=VALUE` (the spelling of train.py / eval.py / reconstruct.py) ->
+  `--set FIELD=VALUE`, so both spellings work here."""
+  out = []
+  for a in argv:
+    if a.startswith("--config.model.") and "=" in a:
+      out += ["--set", a[len("--config.model."):]]
+    elif a.startswith("--config."):
+      raise SystemExit(f"error: {a.split('=')[0]}: only model fields can be set here "
+                       "(--config.model.FIELD=VALUE or --set FIELD=VALUE)")
+    else:
+      out.append(a)
   return out
 
 
@@ -52,7 +72,7 @@ def to_flax(args):
 
   out = os.path.abspath(args.out or os.path.splitext(args.ckpt)[0] + "_flax")
   if os.path.exists(out) and not args.force:  # fail before the (slow) load, not after
-    raise ValueError(f"output folder {out} exists; pass --force to overwrite it")
+    raise OutputExistsError(f"output folder {out} exists; pass --force to overwrite it")
   state_dict = load_state_dict(args.ckpt)
   params = params_from_state_dict(state_dict, _template(args), ignore_prefixes=IGNORED_PREFIXES)
   ckptr = ocp.StandardCheckpointer()
@@ -68,10 +88,13 @@ def to_flax(args):
 def to_torch(args):
   import orbax.checkpoint as ocp
 
+  # Before the (slow) restore: never replace a file (e.g. a downloaded official checkpoint).
+  refuse_existing([args.out], args.force)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(args.dir))
   state_dict = state_dict_from_params(restored)
   params_from_state_dict(state_dict, _template(args), ignore_prefixes=())  # validates vs config
-  save_safetensors(state_dict, args.out)
+  with atomic_path(args.out, args.force) as tmp:  # an interrupted write leaves no half file
+    save_safetensors(state_dict, tmp)
   print(f"wrote {len(state_dict)} keys ({_count(state_dict):,} parameters) from {args.dir} "
         f"-> {args.out}")
 
@@ -88,13 +111,14 @@ def main(argv=None):
   b = sub.add_parser("to-torch", help="orbax Flax params -> PyTorch-layout .safetensors")
   b.add_argument("dir", help="folder written by to-flax")
   b.add_argument("--out", required=True, help="output .safetensors file")
+  b.add_argument("--force", action="store_true", help="overwrite an existing output file")
   b.set_defaults(func=to_torch)
   for p in (a, b):
     p.add_argument("--config", required=True, help="official variant name, e.g. "
                    "vidtok_kl_causal_488_4chn")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable (e.g. --set ch=8)")
-  args = parser.parse_args(argv)
+  args = parser.parse_args(_config_overrides_as_set(sys.argv[1:] if argv is None else argv))
   try:
     args.func(args)
   except (ValueError, FileNotFoundError, ImportError) as e:
