@@ -5,6 +5,7 @@ States are built once per module with numpy-random params and every leaf then re
 (Adam moments and counters are zeros at init, which would make a round trip check weak).
 """
 
+import copy
 import importlib.util
 import logging
 import pathlib
@@ -366,6 +367,15 @@ def test_load_init_params_from_safetensors_and_convert_folder(states, tmp_path):
     load_init_params(out, states["fsq"][0])
   with pytest.raises(CheckpointError, match="use_ema"):
     load_init_params(st, cfg, use_ema=True)
+  # Another width: the field to change, read from the file, instead of every mis-shaped key.
+  wide = copy.deepcopy(cfg)
+  wide.model.ch = 2 * cfg.model.ch
+  want = (f"this checkpoint has ch={cfg.model.ch} (the config has ch={2 * cfg.model.ch}); "
+          f"pass --config.model.ch={cfg.model.ch}")
+  for path in (st, out):
+    with pytest.raises(CheckpointError) as e:
+      load_init_params(path, wide)
+    assert str(e.value).endswith(want) and "\n" not in str(e.value)
 
 
 def test_load_init_params_errors(states, tmp_path):

@@ -399,3 +399,16 @@ def test_package_exports():
   assert sorted(convert.__all__) == ["load_state_dict", "params_from_state_dict",
                                      "save_safetensors", "state_dict_from_params", "torch_key"]
   assert all(callable(getattr(convert, name)) for name in convert.__all__)
+
+
+def test_other_width_names_the_config_field(ref, tmp_path, capsys):
+  from vidtok_jax.convert.__main__ import main
+
+  src = tmp_path / "official.safetensors"
+  save_safetensors(ref("causal_kl_488").params, src)
+  variant, _ = FIXTURES["causal_kl_488"]  # made with ch=8
+  assert main(["to-flax", str(src), "--config", variant, "--config.model.ch=16",
+               "--out", str(tmp_path / "flax")]) == 1
+  err = capsys.readouterr().err
+  assert err == (f"error: {src} does not match {variant}: this checkpoint has ch=8 (the config "
+                 "has ch=16); pass --config.model.ch=8\n")

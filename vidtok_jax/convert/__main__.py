@@ -63,6 +63,21 @@ def _template(args):
   return abstract_params(load_config(args.config, **_overrides(args.set)))
 
 
+def _raise_with_hints(error, args, state_dict, template):
+  """Re-raises a shape mismatch as the config field to change, when the shapes tell."""
+  from vidtok_jax import load_config
+  from vidtok_jax.config import ModelSpec
+  from vidtok_jax.convert.infer import config_hints, torch_shapes
+
+  have, want = torch_shapes(state_dict), torch_shapes(template)
+  other = {k for k in set(have) ^ set(want) if not k.startswith(IGNORED_PREFIXES)}
+  hints = [] if any(not k.startswith(("encoder.", "decoder.")) for k in other) else config_hints(
+      have, ModelSpec.from_config(load_config(args.config, **_overrides(args.set))), want)
+  if hints:
+    raise ValueError(f"{args.ckpt} does not match {args.config}: " + "; ".join(hints)) from error
+  raise error
+
+
 def _count(tree):
   return sum(int(np.size(v)) if not isinstance(v, dict) else _count(v) for v in tree.values())
 
@@ -74,7 +89,11 @@ def to_flax(args):
   if os.path.exists(out) and not args.force:  # fail before the (slow) load, not after
     raise OutputExistsError(f"output folder {out} exists; pass --force to overwrite it")
   state_dict = load_state_dict(args.ckpt)
-  params = params_from_state_dict(state_dict, _template(args), ignore_prefixes=IGNORED_PREFIXES)
+  template = _template(args)
+  try:
+    params = params_from_state_dict(state_dict, template, ignore_prefixes=IGNORED_PREFIXES)
+  except ValueError as e:
+    _raise_with_hints(e, args, state_dict, template)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out, params, force=args.force)
   ckptr.wait_until_finished()
