@@ -91,15 +91,9 @@ def reset_peak_rss():
 def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, frames: int,
                  size: int, precision: str = "auto", lpips: bool = True):
   """The repo's training config (`configs/vidtok.py`) of `variant` with the bench's overrides."""
-  import importlib.util
+  from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
 
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vidtok.py"
-  if not path.exists():
-    raise FileNotFoundError(f"train_step needs the repository's training configs ({path})")
-  spec = importlib.util.spec_from_file_location("vidtok_configs", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(variant.removeprefix("vidtok_"))
+  cfg = get_config(variant.removeprefix("vidtok_"))
   import vidtok_jax
 
   cfg.model = vidtok_jax.load_config(variant, **model_overrides)

@@ -82,6 +82,29 @@ def check_window(model_config, num_frames: int, height: int, width: int):
 # ------------------------------------------------------------------ video in
 
 
+def lossy_crop(src_h: int, src_w: int, size) -> Optional[str]:
+  """A sentence when resizing the short side to h and centre-cropping to `size` (h, w) keeps
+  less than half of a `src_h x src_w` frame, or fills more than half of the output with
+  padding; else None."""
+  ch, cw = (size, size) if isinstance(size, int) else tuple(size)
+  nh, nw = sampling.resized_size(src_h, src_w, ch)
+  kept = min(ch, nh) * min(cw, nw)
+  if kept < 0.5 * nh * nw:
+    return (f"the {ch}x{cw} centre crop keeps {100 * kept / (nh * nw):.0f}% of each "
+            f"{src_h}x{src_w} frame")
+  if kept < 0.5 * ch * cw:
+    return f"{100 * (1 - kept / (ch * cw)):.0f}% of each {ch}x{cw} output frame is zero padding"
+  return None
+
+
+def warn_lossy_crop(what, src_h: int, src_w: int, size):
+  """Logs a warning with `lossy_crop`'s sentence, if any."""
+  problem = lossy_crop(src_h, src_w, size)
+  if problem:
+    log.warning("%s: %s (the short side is resized to the height, then centre-cropped; choose "
+                "--height/--width closer to the video's aspect)", what, problem)
+
+
 def load_video(path, size, sample_fps: float = 30.0):
   """`(frames01 float32 (N, h, w, 3) in [0, 1], info)` of the frames sampled from `path`.
 
@@ -92,6 +115,7 @@ def load_video(path, size, sample_fps: float = 30.0):
   if sample_fps <= 0:
     raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
   frames, info = decode_video(path)
+  warn_lossy_crop(info.path, info.height, info.width, size)
   interval = sampling.frame_interval(info.fps, sample_fps) if info.fps > 0 else 1
   frames = frames[::interval]  # frame ids 0, d, 2d, ... (official)
   frames01 = sampling.resize_short_side_and_center_crop(frames, size)
@@ -558,6 +582,6 @@ def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_si
 
 
 __all__ = ["FORMAT", "check_window", "decode_long_tokens", "decode_tokens", "default_num_frames", "load_tokens",
-           "load_video", "output_paths", "plot_psnr", "psnr_per_frame", "reconstruct_long", "reconstruct_video", "reconstruct_windows",
+           "load_video", "lossy_crop", "output_paths", "plot_psnr", "psnr_per_frame", "reconstruct_long", "reconstruct_video", "reconstruct_windows",
            "run_tokens", "run_video", "save_tokens", "side_by_side", "split_windows", "to_uint8",
            "write_video"]

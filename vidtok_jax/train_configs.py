@@ -1,5 +1,8 @@
 r"""VidTok configs: every released variant, both training stages, and a CPU-sized `tiny` variant.
 
+The training configs `configs/vidtok.py` of a checkout re-exports (bundled in the package, so
+the installed console scripts have them too).
+
   python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=1 --workdir=runs/x \
       --config.data.dir=/path/to/videos
 
@@ -79,10 +82,11 @@ def loop_config(config, stage: int, tiny: bool):
   config.seed = 0  # model init, discriminator init and the per-step rng stream
   config.total_steps = 20 if tiny else (50_000 if stage == 1 else 30_000)
   config.log_every = 5 if tiny else 50  # console + TensorBoard scalars (interval means)
-  config.eval_every = 10 if tiny else 1_000  # PSNR on the first `eval_clips` validation windows
+  # PSNR on the first `eval_clips` validation windows; 0 turns validation off (and keep-best)
+  config.eval_every = 10 if tiny else 1_000
   config.eval_clips = 4 if tiny else 32  # 0 disables evaluation (and keep-best)
   config.eval_use_ema = True  # evaluate the EMA weights when `train.ema_decay` is set
-  config.sample_every = 10 if tiny else 1_000  # input/reconstruction image grid to TensorBoard
+  config.sample_every = 10 if tiny else 1_000  # validation image grid to TensorBoard; 0 = none
   config.checkpoint_every = 10 if tiny else 1_000
   config.keep_last = 3  # newest checkpoints kept ...
   config.keep_best = 1  # ... plus the best by eval PSNR (needs eval at checkpoint steps)

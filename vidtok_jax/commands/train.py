@@ -2,11 +2,13 @@ r"""Train a VidTok tokenizer (SPEC 7): both stages, every variant, on any JAX me
 
   python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=1 --workdir=runs/s1 \
       --config.data.dir=/path/to/videos
-  python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=2 --workdir=runs/s2 \
+  vidtok-train --config=configs/vidtok.py:kl_causal_488_4chn,stage=2 --workdir=runs/s2 \
       --config.data.dir=/path/to/videos --config.train.init_from=runs/s1
 
 Any config field can be overridden with `--config.FIELD=VALUE` (e.g. `--config.total_steps=N`,
-`--config.checkpoint_every=N`, `--config.train.dtype=bfloat16`). Rerunning the same command in
+`--config.checkpoint_every=N`, `--config.train.dtype=bfloat16`, `--config.eval_every=0` for no
+validation). The video folder is built once into a TFDS dataset under `$VIDTOK_TFDS_DIR`, else
+`~/tensorflow_datasets` (`--config.data.tfds_data_dir=DIR` moves it). Rerunning the same command in
 the same workdir resumes from its latest good checkpoint. On a multi-host TPU slice / GPU
 cluster add `--distributed` (calls `jax.distributed.initialize()`; every host runs the same
 command and reads its own share of each batch).
@@ -59,5 +61,12 @@ def main(argv):
     sys.exit(3)
 
 
+def run():
+  """The console entry point (`vidtok-train`)."""
+  from vidtok_jax.commands import run as run_command
+
+  run_command(__name__, main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -278,6 +278,12 @@ def build_video_folder(folder, data_dir, csv=None, store_short_side=256, strict=
                           description=f"folder {os.path.basename(folder)}")
   builder = VideoFolder(config=cfg, data_dir=data_dir, file_format=file_format)
   if not builder.is_prepared():
+    if not os.path.isdir(folder):  # before TFDS, whose --manual_dir assertion names neither
+      raise FileNotFoundError(f"video folder {folder} does not exist")
+    if not any(discover_splits(folder, csv)[0].values()):
+      raise ValueError(f"{folder}: no video files found (extensions "
+                       f"{', '.join(VIDEO_EXTENSIONS)}, searched recursively"
+                       + (f", listed in {csv}" if csv is not None else "") + ")")
     log.info("building video_folder/%s from %s into %s", name, folder, data_dir)
     try:
       builder.download_and_prepare(
