@@ -70,6 +70,11 @@ def runs(tmp_path_factory):
       "tokens": ("reconstruct.py", TINY, ckpt, f"--tokens={tokens}", f"--output_dir={t / 'o'}"),
       "recon_exists": ("reconstruct.py", TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'out'}",
                        "--size=32", "--concat_input=false"),
+      "train_truncated": ("train.py", TINY, f"--workdir={t / 'w1'}", f"--config.data.dir={t}",
+                          f"--config.train.init_from={bad}", "--config.loss.perceptual_weight=0"),
+      "train_empty": ("train.py", TINY, f"--workdir={t / 'w2'}",
+                      f"--config.data.dir={t / 'empty'}", f"--config.data.tfds_data_dir={t}",
+                      "--config.loss.perceptual_weight=0"),
       # Outside a checkout: the config comes from the package; the error is about the data.
       "elsewhere": ("eval.py", TINY, ckpt, f"--data_dir={t / 'nope'}", out),
   }
@@ -121,6 +126,15 @@ def test_truncated_checkpoint_is_one_line(runs):
   t, r = runs
   assert_one_line_error(r["truncated"], str(t / "model.safetensors"))
   assert not (t / "r.json").exists()
+
+
+def test_train_errors_are_one_line(runs):
+  t, r = runs
+  # A broken init_from: one line naming the file, and the new workdir is not left behind.
+  assert_one_line_error(r["train_truncated"], str(t / "model.safetensors"))
+  assert not (t / "w1").exists()
+  # An empty video folder says so (not TFDS's --manual_dir assertion).
+  assert_one_line_error(r["train_empty"], f"{t / 'empty'}: no video files found")
 
 
 def test_reconstruct_errors_are_one_line(runs):

@@ -20,6 +20,7 @@ into the state, and `Checkpoints.save` refuses one anyway.
 import collections
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -225,10 +226,11 @@ def train_and_evaluate(config, workdir: str):
     return _train(config, workdir, cache_path, progress)
   except BaseException:
     if not progress["restored"] and jax.process_index() == 0:
-      for p in ours:
-        compile_cache.disable(p)  # before its folder may go
+      for p in ours:  # this run's new compilation cache folder (inside the workdir)
+        compile_cache.disable(p)
+        shutil.rmtree(p, ignore_errors=True)
       for p in reversed(created):  # the checkpoints folder first, then the workdir
-        _remove_if_only_ours(p, ours)
+        _remove_if_only_ours(p)
     raise
 
 
@@ -237,16 +239,12 @@ def _inside(path, folder) -> bool:
   return os.path.commonpath([path, folder]) == folder
 
 
-def _remove_if_only_ours(path, ours=()):
-  """Remove `path` (a folder this run created) when it holds nothing but empty folders,
-  TensorBoard event files of this run and the folders `ours` (created by this run)."""
-  import shutil
-
+def _remove_if_only_ours(path):
+  """Remove `path` (a folder this run created) when it holds nothing but empty folders and
+  TensorBoard event files of this run."""
   if not os.path.isdir(path):
     return
   for root, _, files in os.walk(path):
-    if any(_inside(root, o) for o in ours):
-      continue
     if any(not f.startswith("events.out.tfevents.") for f in files):
       log.warning("not removing %s: it holds files (%s)", path, root)
       return
