@@ -182,3 +182,15 @@ def test_console_scripts_are_declared():
     module, func = target.split(":")
     source = pathlib.Path(importlib.util.find_spec(module).origin).read_text()
     assert f"def {func}(" in source, target
+
+
+def test_one_override_spelling_for_the_argparse_commands():
+  from vidtok_jax.bench import parse_args
+  from vidtok_jax.commands import model_overrides_as_set
+
+  assert model_overrides_as_set(["x", "--config.model.ch=32", "--set", "z_channels=8"]) == [
+      "x", "--set", "ch=32", "--set", "z_channels=8"]
+  with pytest.raises(SystemExit, match="only model fields"):
+    model_overrides_as_set(["--config.data.size=8"])
+  assert parse_args(["--config.model.ch=8", "--set", "num_res_blocks=1"]).overrides == {
+      "ch": 8, "num_res_blocks": 1}

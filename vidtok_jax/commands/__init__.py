@@ -46,6 +46,22 @@ def resolve_config_arg(argv):
   return out
 
 
+def model_overrides_as_set(argv):
+  """`--config.model.FIELD=VALUE` (the scripts' spelling) -> `--set FIELD=VALUE`, for the
+  argparse commands (`vidtok-convert`, `python -m vidtok_jax.bench`) whose `--config` is a
+  variant name: one override spelling everywhere, the older `--set` kept."""
+  out = []
+  for a in argv:
+    if a.startswith("--config.model.") and "=" in a:
+      out += ["--set", a[len("--config.model."):]]
+    elif a.startswith("--config."):
+      raise SystemExit(f"error: {a.split('=')[0]}: only model fields can be set here "
+                       "(--config.model.FIELD=VALUE or --set FIELD=VALUE)")
+    else:
+      out.append(a)
+  return out
+
+
 def _user_errors():
   """Exceptions that mean bad input, reported as one line."""
   from absl import app

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from vidtok_jax.convert.io import load_state_dict, save_safetensors
+from vidtok_jax.commands import model_overrides_as_set
 from vidtok_jax.convert.keys import params_from_state_dict, state_dict_from_params
 from vidtok_jax.safe_write import OutputExistsError, atomic_path, refuse_existing
 
@@ -38,21 +39,6 @@ def _overrides(pairs):
       out[field.strip()] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       out[field.strip()] = text  # bare strings, e.g. --set norm_type=groupnorm
-  return out
-
-
-def _config_overrides_as_set(argv):
-  """`--config.model.FIELD=VALUE` (the spelling of train.py / eval.py / reconstruct.py) ->
-  `--set FIELD=VALUE`, so both spellings work here."""
-  out = []
-  for a in argv:
-    if a.startswith("--config.model.") and "=" in a:
-      out += ["--set", a[len("--config.model."):]]
-    elif a.startswith("--config."):
-      raise SystemExit(f"error: {a.split('=')[0]}: only model fields can be set here "
-                       "(--config.model.FIELD=VALUE or --set FIELD=VALUE)")
-    else:
-      out.append(a)
   return out
 
 
@@ -137,7 +123,7 @@ def main(argv=None):
                    "vidtok_kl_causal_488_4chn")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable (e.g. --set ch=8)")
-  args = parser.parse_args(_config_overrides_as_set(sys.argv[1:] if argv is None else argv))
+  args = parser.parse_args(model_overrides_as_set(sys.argv[1:] if argv is None else argv))
   try:
     args.func(args)
   except (ValueError, FileNotFoundError, ImportError) as e:
