@@ -1,9 +1,11 @@
 """What a user sees from the commands: one-line errors naming the problem (no usage dump, no
 traceback), refusal to replace outputs, `--help` listing the main flags, the bundled configs.
 
-Each case is one short subprocess of the real script that fails before any model work.
+Each case is a real invocation of a command that fails before any model work; the cases of one
+command share one process (tests/cli_runner.py), so a few jax imports cover them all.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -43,7 +45,7 @@ def write_clip(path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Every case below, started at once (each is a few seconds of imports), then collected."""
+  """Every case below: one process per command, all started at once, then collected."""
   from vidtok_jax import reconstruct as rc
 
   t = tmp_path_factory.mktemp("cli")
@@ -59,33 +61,56 @@ def runs(tmp_path_factory):
   (t / "out" / "clip_psnr.json").write_text("mine")
   (t / "elsewhere").mkdir()
   ckpt, data, out = f"--checkpoint={t}", f"--data_dir={t / 'videos'}", f"--output={t / 'r.json'}"
-  cases = {
-      "help": ("eval.py", "--help"),
-      "no_dir": ("eval.py", TINY, ckpt, f"--data_dir={t / 'nope'}", out),
-      "empty_dir": ("eval.py", TINY, ckpt, f"--data_dir={t / 'empty'}", out),
-      "eval_exists": ("eval.py", TINY, ckpt, data, f"--output={t / 'results.json'}"),
-      "truncated": ("eval.py", TINY, f"--torch_checkpoint={bad}", data, out, "--nofvd"),
-      "height63": ("reconstruct.py", TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'o'}",
-                   "--height=63"),
-      "tokens": ("reconstruct.py", TINY, ckpt, f"--tokens={tokens}", f"--output_dir={t / 'o'}"),
-      "recon_exists": ("reconstruct.py", TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'out'}",
-                       "--size=32", "--concat_input=false"),
-      "train_truncated": ("train.py", TINY, f"--workdir={t / 'w1'}", f"--config.data.dir={t}",
-                          f"--config.train.init_from={bad}", "--config.loss.perceptual_weight=0"),
-      "train_empty": ("train.py", TINY, f"--workdir={t / 'w2'}",
-                      f"--config.data.dir={t / 'empty'}", f"--config.data.tfds_data_dir={t}",
-                      "--config.loss.perceptual_weight=0"),
-      # Outside a checkout: the config comes from the package; the error is about the data.
-      "elsewhere": ("eval.py", TINY, ckpt, f"--data_dir={t / 'nope'}", out),
+  here, elsewhere = str(REPO), str(t / "elsewhere")
+  # One process per command (each start imports jax and TensorFlow), its cases run in turn.
+  commands = {
+      ("vidtok_jax.commands.eval", "eval.py"): {
+          "help": ("--help",),
+          "no_dir": (TINY, ckpt, f"--data_dir={t / 'nope'}", out),
+          "empty_dir": (TINY, ckpt, f"--data_dir={t / 'empty'}", out),
+          "eval_exists": (TINY, ckpt, data, f"--output={t / 'results.json'}"),
+          "truncated": (TINY, f"--torch_checkpoint={bad}", data, out, "--nofvd"),
+          "size0": (TINY, ckpt, data, out, "--size=0"),
+          # Outside a checkout: the config comes from the package; the error is about the data.
+          "elsewhere": (TINY, ckpt, f"--data_dir={t / 'nope'}", out),
+      },
+      ("vidtok_jax.commands.reconstruct", "reconstruct.py"): {
+          "height63": (TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'o'}", "--height=63"),
+          "tokens": (TINY, ckpt, f"--tokens={tokens}", f"--output_dir={t / 'o'}"),
+          "recon_exists": (TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'out'}",
+                           "--size=32", "--concat_input=false"),
+      },
+      ("vidtok_jax.commands.train", "train.py"): {
+          "train_truncated": (TINY, f"--workdir={t / 'w1'}", f"--config.data.dir={t}",
+                              f"--config.train.init_from={bad}",
+                              "--config.loss.perceptual_weight=0"),
+          "train_empty": (TINY, f"--workdir={t / 'w2'}", f"--config.data.dir={t / 'empty'}",
+                          f"--config.data.tfds_data_dir={t}", "--config.loss.perceptual_weight=0"),
+      },
+      ("vidtok_jax.tokenize.__main__", "vidtok_jax/tokenize/__main__.py"): {
+          "tok_no_dir": (TINY, ckpt, f"--data_dir={t / 'nope'}", f"--out={t / 'tok'}"),
+          "tok_batch0": (TINY, ckpt, data, f"--out={t / 'tok'}", "--batch_size=0"),
+          "tok_decode_exists": (TINY, ckpt, f"--decode={t / 'empty'}",
+                                f"--output={t / 'results.json'}"),
+      },
   }
-  procs = {name: subprocess.Popen([sys.executable, str(REPO / argv[0]), *map(str, argv[1:])],
-                                  cwd=t / "elsewhere" if name == "elsewhere" else REPO, env=ENV,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, argv in cases.items()}
+  procs = []
+  for (module, script), cases in commands.items():
+    spec = {"module": module, "script": str(REPO / script),
+            "cases": {name: {"argv": list(map(str, argv)),
+                             "cwd": elsewhere if name == "elsewhere" else here}
+                      for name, argv in cases.items()}}
+    spec_path, result_path = t / f"{script.replace('/', '_')}.json", t / f"{module}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    procs.append((result_path, subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "cli_runner.py"), str(spec_path), str(result_path)],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
   done = {}
-  for name, proc in procs.items():
-    stdout, stderr = proc.communicate(timeout=300)
-    done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  for result_path, proc in procs:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and result_path.exists(), stderr[-3000:]
+    for name, r in json.loads(result_path.read_text()).items():
+      done[name] = subprocess.CompletedProcess(name, r["returncode"], r["stdout"], r["stderr"])
   return t, done
 
 
@@ -112,6 +137,16 @@ def test_eval_data_dir_errors(runs):
   t, r = runs
   assert_one_line_error(r["no_dir"], f"--data_dir {t / 'nope'} does not exist", code=2)
   assert_one_line_error(r["empty_dir"], f"no videos found under {t / 'empty'}")
+  assert_one_line_error(r["size0"], "--size must be > 0, got 0", code=2)
+
+
+def test_tokenize_errors_are_one_line(runs):
+  t, r = runs
+  assert_one_line_error(r["tok_no_dir"], f"--data_dir {t / 'nope'} does not exist", code=2)
+  assert_one_line_error(r["tok_batch0"], "--batch_size must be > 0, got 0", code=2)
+  # --decode never replaces its --output without --force (checked before the weights load).
+  assert_one_line_error(r["tok_decode_exists"], f"{t / 'results.json'} exists", "--force")
+  assert (t / "results.json").read_text() == "{}"
 
 
 def test_outputs_are_never_replaced_without_force(runs):
@@ -135,6 +170,7 @@ def test_train_errors_are_one_line(runs):
   assert not (t / "w1").exists()
   # An empty video folder says so (not TFDS's --manual_dir assertion).
   assert_one_line_error(r["train_empty"], f"{t / 'empty'}: no video files found")
+  assert not (t / "w2").exists()  # nor by a run that found no videos
 
 
 def test_reconstruct_errors_are_one_line(runs):
@@ -177,7 +213,8 @@ def test_console_scripts_are_declared():
   import tomllib
 
   scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-  assert set(scripts) >= {"vidtok-train", "vidtok-eval", "vidtok-reconstruct", "vidtok-convert"}
+  assert set(scripts) >= {"vidtok-train", "vidtok-eval", "vidtok-reconstruct", "vidtok-convert",
+                          "vidtok-tokenize"}
   for target in scripts.values():  # (not imported: each command defines its own absl flags)
     module, func = target.split(":")
     source = pathlib.Path(importlib.util.find_spec(module).origin).read_text()

@@ -3,10 +3,12 @@
     vidtok-train        = train.py        (vidtok_jax.commands.train)
     vidtok-eval         = eval.py         (vidtok_jax.commands.eval)
     vidtok-reconstruct  = reconstruct.py  (vidtok_jax.commands.reconstruct)
+    vidtok-tokenize     = python -m vidtok_jax.tokenize  (vidtok_jax.tokenize.__main__)
     vidtok-convert      = python -m vidtok_jax.convert
     vidtok-check-data   = python -m vidtok_jax.data
 
-`train.py` / `eval.py` / `reconstruct.py` of a checkout are thin scripts calling the same `run`.
+`train.py` / `eval.py` / `reconstruct.py` of a checkout are thin scripts calling the same `run`
+(the tokenizer's `python -m` entry too).
 What `run` adds to `absl.app.run`:
 * `--config=configs/vidtok.py:...` works outside a checkout: when that file is not there, the
   copy bundled in the package (`vidtok_jax/train_configs.py`) is used;
@@ -79,9 +81,9 @@ def _error(message, code: int):
   sys.exit(code)
 
 
-def run(module_name: str, main):
-  """`absl.app.run(main)` for the command defined in `module_name` (see the module doc)."""
-  from absl import app, flags
+def _prepare(module_name: str):
+  """`--help` of the command in `module_name`: its flags and its module doc."""
+  from absl import flags
 
   fv = flags.FLAGS
   by_module = fv.flags_by_module_dict()
@@ -92,15 +94,29 @@ def run(module_name: str, main):
   if main_module is not None:  # absl prints the main module's doc with --help
     main_module.__doc__ = sys.modules[module_name].__doc__
 
+
+def guard(main):
+  """`main` with its user errors (`_user_errors`) reported as one `error:` line and exit status
+  2 (usage) or 1 (input); `--verbosity=1` lets the traceback through."""
+  from absl import app, flags
+
   def guarded(argv):
     try:
       return main(argv)
     except _user_errors() as e:
-      if fv["verbosity"].value >= 1:
+      if flags.FLAGS["verbosity"].value >= 1:
         raise
       _error(e, 2 if isinstance(e, app.UsageError) else 1)
 
-  app.run(guarded, argv=resolve_config_arg(sys.argv))
+  return guarded
+
+
+def run(module_name: str, main):
+  """`absl.app.run(main)` for the command defined in `module_name` (see the module doc)."""
+  from absl import app
+
+  _prepare(module_name)
+  app.run(guard(main), argv=resolve_config_arg(sys.argv))
 
 
 def check_positive(**values):

@@ -215,17 +215,18 @@ def train_and_evaluate(config, workdir: str):
   validate_config(config)
   config = resolve_precision(config)
   # A run refused before its first step (a checkpoint that does not match the config, a bad
-  # init_from) must leave no stray files: note what is new, remove it on such a failure. The
-  # compilation cache of a new workdir (WORKDIR/xla_cache by default) counts as this run's.
+  # init_from, no readable videos) must leave no stray files: note what is new, remove it on
+  # such a failure. A compilation cache folder this run created (WORKDIR/xla_cache by default)
+  # counts as new; the events file is only created once the restore succeeded.
   cache_path = compile_cache.cache_dir(config.compilation_cache_dir, workdir)
   created = [p for p in (workdir, os.path.join(workdir, "checkpoints")) if not os.path.exists(p)]
   ours = [cache_path] if cache_path and not os.path.exists(cache_path) and _inside(
       cache_path, workdir) else []
-  progress = {"restored": False}
+  progress = {"started": False}
   try:
     return _train(config, workdir, cache_path, progress)
   except BaseException:
-    if not progress["restored"] and jax.process_index() == 0:
+    if not progress["started"] and jax.process_index() == 0:
       for p in ours:  # this run's new compilation cache folder (inside the workdir)
         compile_cache.disable(p)
         shutil.rmtree(p, ignore_errors=True)
@@ -276,7 +277,6 @@ def _train(config, workdir: str, cache_path, progress: dict):
   except BaseException:
     ckpts.close()
     raise
-  progress["restored"] = True
   # Created only now, so a refused restore leaves no events file behind.
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
@@ -300,6 +300,7 @@ def _train(config, workdir: str, cache_path, progress: dict):
                     out_shardings=(shardings, None), donate_argnums=0,
                     compiler_options=compiler_options())
   batch = mesh_lib.shard_batch(mesh, next(data))
+  progress["started"] = True  # restored (or initialised) and reading data
   t0 = time.monotonic()
   with compile_cache.Watch() as watch:
     step_fn = step_fn.lower(state, batch).compile()
