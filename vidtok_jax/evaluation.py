@@ -311,7 +311,7 @@ class Evaluator:
                   "last frame", item.path, len(x01), self.num_frames)
     clips, valid = w
     return "ok", {"path": item.path, "fps": fps, "frames": int(len(x01)), "clips": clips,
-                  "valid": valid, "meta": dict(item.info)}
+                  "valid": valid, "meta": dict(getattr(item, "info", {}))}
 
   def _prepared(self, videos):
     """`(index, kind, fields)` per video in order, decoded `PREFETCH` videos ahead in threads."""

@@ -431,7 +431,7 @@ class TokenizeJob:
               "first_frame": int(k * self.num_frames * interval) if self.mode == "clips" else 0,
               "frame_interval": int(interval), "fps": float(fps),
               "frames": int(valid[k].sum()), "input_frames": int(clips.shape[1]),
-              "size": list(self.size), **item.info}  # + the video stream read, if known
+              "size": list(self.size)}
       out.append((meta, {n: v[k] for n, v in arrays.items()}))
     return out, None
 
