@@ -1,63 +1,6 @@
-r"""Train a VidTok tokenizer (SPEC 7): both stages, every variant, on any JAX mesh.
+"""The `vidtok-train` command (vidtok_jax/commands/train.py) run from a checkout; see `--help`."""
 
-  python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=1 --workdir=runs/s1 \
-      --config.data.dir=/path/to/videos
-  python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=2 --workdir=runs/s2 \
-      --config.data.dir=/path/to/videos --config.train.init_from=runs/s1
-
-Any config field can be overridden with `--config.FIELD=VALUE` (e.g. `--config.total_steps=N`,
-`--config.checkpoint_every=N`, `--config.train.dtype=bfloat16`). Rerunning the same command in
-the same workdir resumes from its latest good checkpoint. On a multi-host TPU slice / GPU
-cluster add `--distributed` (calls `jax.distributed.initialize()`; every host runs the same
-command and reads its own share of each batch).
-"""
-
-import logging
-import os
-import sys
-
-from absl import app, flags
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/vidtok.py:VARIANT[,stage=N][,tiny]",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for checkpoints and TensorBoard events.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs); "
-                  "the cluster (TPU pod, SLURM, Open MPI) is auto-detected unless the three "
-                  "flags below are given.")
-flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
-flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _quiet_orbax(record) -> bool:
-  return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # the input pipeline's; keep it off the accelerators
-
-  tf.config.set_visible_devices([], "GPU")
-  import jax
-
-  if FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from vidtok_jax.train.loop import NonFiniteError, train_and_evaluate
-
-  logging.getLogger("vidtok_jax").setLevel(logging.INFO)
-  for h in logging.getLogger().handlers:  # Orbax narrates every save at INFO; keep its warnings
-    h.addFilter(_quiet_orbax)
-  try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except NonFiniteError as e:
-    logging.error("%s", e)
-    sys.exit(3)
-
+from vidtok_jax.commands import train as command
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run()

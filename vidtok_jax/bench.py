@@ -91,15 +91,9 @@ def reset_peak_rss():
 def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, frames: int,
                  size: int, precision: str = "auto", lpips: bool = True):
   """The repo's training config (`configs/vidtok.py`) of `variant` with the bench's overrides."""
-  import importlib.util
+  from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
 
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vidtok.py"
-  if not path.exists():
-    raise FileNotFoundError(f"train_step needs the repository's training configs ({path})")
-  spec = importlib.util.spec_from_file_location("vidtok_configs", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(variant.removeprefix("vidtok_"))
+  cfg = get_config(variant.removeprefix("vidtok_"))
   import vidtok_jax
 
   cfg.model = vidtok_jax.load_config(variant, **model_overrides)
@@ -481,7 +475,7 @@ def parse_args(argv=None):
                  help="--grad staged: saved residuals that replace recomputation "
                       "(StagedGrad's default)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="model config override, e.g. ch=64 (repeatable)")
+                 help="model config override, e.g. ch=64 (repeatable; or --config.model.ch=64)")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if unknown")
@@ -495,7 +489,9 @@ def parse_args(argv=None):
   p.add_argument("--fit_dtypes", default="float32,bfloat16")
   p.add_argument("--fit_remats", default="none,convs,blocks")
   p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-  a = p.parse_args(argv)
+  from vidtok_jax.commands import model_overrides_as_set
+
+  a = p.parse_args(model_overrides_as_set(sys.argv[1:] if argv is None else argv))
   try:
     a.shape = tuple(int(v) for v in a.shape.split(","))
     assert len(a.shape) == 4 and min(a.shape) > 0

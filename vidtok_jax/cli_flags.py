@@ -19,9 +19,12 @@ def define_pretrained_flag():
                       "kl_causal_488_4chn (HF_HOME / HF_HUB_OFFLINE apply).")
 
 
-def define_data_flags(split: str, split_help: str, size_help: str, mode_help: str):
+def define_data_flags(split: str, split_help: str, size_help: str, mode_help: str, *,
+                      sample_fps=None, sample_fps_help: str = "Frame rate frames are sampled at "
+                      "(default: the config's data.eval_sample_fps)."):
   """The video source (`--data_dir` [+ `--csv`] or `--tfds_name` + `--split`) and the clip
-  protocol (`--size`, `--sample_fps`, `--num_frames`, `--mode`) of eval.py and tokenize."""
+  protocol (`--size`, `--sample_fps`, `--num_frames`, `--mode`) of eval.py and tokenize
+  (eval.py's `--sample_fps` defaults to the official evaluation's 30)."""
   from absl import flags
 
   flags.DEFINE_string("data_dir", None, "Folder of videos (searched recursively).")
@@ -30,8 +33,7 @@ def define_data_flags(split: str, split_help: str, size_help: str, mode_help: st
   flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for --tfds_name.")
   flags.DEFINE_string("split", split, split_help)
   flags.DEFINE_integer("size", 256, size_help)
-  flags.DEFINE_float("sample_fps", None, "Frame rate frames are sampled at (default: the config's "
-                     "data.eval_sample_fps).")
+  flags.DEFINE_float("sample_fps", sample_fps, sample_fps_help)
   flags.DEFINE_integer("num_frames", None, "Window length (default: 17 causal, 16 non-causal).")
   flags.DEFINE_enum("mode", "clips", ["clips", "long"], mode_help)
 

@@ -44,6 +44,17 @@ def enable(path: Optional[str]) -> Optional[str]:
   return path
 
 
+def disable(path: Optional[str] = None) -> None:
+  """Turns the persistent cache off again (when `path` is None or the directory in use), e.g.
+  before its directory is removed."""
+  if path is not None and jax.config.jax_compilation_cache_dir != path:
+    return
+  jax.config.update("jax_compilation_cache_dir", None)
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  cc.reset_cache()
+
+
 class Watch:
   """Counts persistent-cache hits and misses of the compiles inside the `with` block."""
 

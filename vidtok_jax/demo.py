@@ -56,9 +56,8 @@ def stage(n: int, text: str):
 
 def demo_config(out: str, steps: int, size: int, batch: int):
   """The `tiny` KL config sized for a few CPU minutes, reading the clips under `out/data`."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import vidtok_jax
-  from configs.vidtok import get_config
+  from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
 
   config = get_config("kl_causal_488_4chn,tiny")
   config.model = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", **{
@@ -168,7 +167,8 @@ def main(argv=None):
   stage(5, "reconstruction, side-by-side video and training curves")
   model = vidtok_jax.VidTok(config.model)
   rec = reconstruct.run_video(model, params, val_videos[0], out, variant=config.variant,
-                              size=(a.size, a.size), sample_fps=EVAL_FPS, num_frames=17, seed=42)
+                              size=(a.size, a.size), sample_fps=EVAL_FPS, num_frames=17, seed=42,
+                              force=True)  # the demo's own folder: a rerun replaces it
   curve = os.path.join(out, "loss_curve.png")
   tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
   subprocess.run([sys.executable, os.path.join(tools, "plot_training.py"),

@@ -73,6 +73,7 @@ class VideoItem:
   """One source video: `frames()` -> (uint8 (T, H, W, 3) of the sampled frames, fps) or raises."""
   path: str
   load: callable
+  info: dict = dataclasses.field(default_factory=dict)  # filled by `load`, copied to the row
 
 
 def folder_videos(paths, sample_fps: float) -> Iterator[VideoItem]:
@@ -80,11 +81,15 @@ def folder_videos(paths, sample_fps: float) -> Iterator[VideoItem]:
   from vidtok_jax.data import decode
 
   for path in paths:
-    def load(path=path):
+    meta = {}
+
+    def load(path=path, meta=meta):
       frames, info = decode(path)
+      # Which video stream was read (FFmpeg's choice), for files with several.
+      meta.update(stream=info.stream, video_streams=info.num_video_streams)
       ids = np.arange(0, len(frames), sampling.frame_interval(info.fps, sample_fps))
       return frames[ids], info.fps
-    yield VideoItem(path, load)
+    yield VideoItem(path, load, meta)
 
 
 def tfds_videos(name: str, split: str, data_dir, sample_fps: float) -> Iterator[VideoItem]:
@@ -306,7 +311,7 @@ class Evaluator:
                   "last frame", item.path, len(x01), self.num_frames)
     clips, valid = w
     return "ok", {"path": item.path, "fps": fps, "frames": int(len(x01)), "clips": clips,
-                  "valid": valid}
+                  "valid": valid, "meta": dict(getattr(item, "info", {}))}
 
   def _prepared(self, videos):
     """`(index, kind, fields)` per video in order, decoded `PREFETCH` videos ahead in threads."""
@@ -347,7 +352,8 @@ class Evaluator:
     def finish(i, info, scores, emb_pair):
       weight = np.ones_like(info["valid"]) if self.score_padded else info["valid"]
       row = {"path": info["path"], "fps": info["fps"], "frames": info["frames"],
-             "windows": int(len(info["valid"])), "scored_frames": int(weight.sum())}
+             "windows": int(len(info["valid"])), "scored_frames": int(weight.sum()),
+             **info["meta"]}
       sums = {}
       for k, v in scores.items():
         sums[k] = float(np.sum(v * weight))

@@ -38,6 +38,7 @@ from vidtok_jax.data import decode as decode_video
 from vidtok_jax.data import sampling
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.models.autoencoder import output_frames
+from vidtok_jax.safe_write import atomic_path, refuse_existing, write_text
 
 log = logging.getLogger("vidtok_jax.reconstruct")
 
@@ -81,6 +82,29 @@ def check_window(model_config, num_frames: int, height: int, width: int):
 # ------------------------------------------------------------------ video in
 
 
+def lossy_crop(src_h: int, src_w: int, size) -> Optional[str]:
+  """A sentence when resizing the short side to h and centre-cropping to `size` (h, w) keeps
+  less than half of a `src_h x src_w` frame, or fills more than half of the output with
+  padding; else None."""
+  ch, cw = (size, size) if isinstance(size, int) else tuple(size)
+  nh, nw = sampling.resized_size(src_h, src_w, ch)
+  kept = min(ch, nh) * min(cw, nw)
+  if kept < 0.5 * nh * nw:
+    return (f"the {ch}x{cw} centre crop keeps {100 * kept / (nh * nw):.0f}% of each "
+            f"{src_h}x{src_w} frame")
+  if kept < 0.5 * ch * cw:
+    return f"{100 * (1 - kept / (ch * cw)):.0f}% of each {ch}x{cw} output frame is zero padding"
+  return None
+
+
+def warn_lossy_crop(what, src_h: int, src_w: int, size):
+  """Logs a warning with `lossy_crop`'s sentence, if any."""
+  problem = lossy_crop(src_h, src_w, size)
+  if problem:
+    log.warning("%s: %s (the short side is resized to the height, then centre-cropped; choose "
+                "--height/--width closer to the video's aspect)", what, problem)
+
+
 def load_video(path, size, sample_fps: float = 30.0):
   """`(frames01 float32 (N, h, w, 3) in [0, 1], info)` of the frames sampled from `path`.
 
@@ -91,11 +115,13 @@ def load_video(path, size, sample_fps: float = 30.0):
   if sample_fps <= 0:
     raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
   frames, info = decode_video(path)
+  warn_lossy_crop(info.path, info.height, info.width, size)
   interval = sampling.frame_interval(info.fps, sample_fps) if info.fps > 0 else 1
   frames = frames[::interval]  # frame ids 0, d, 2d, ... (official)
   frames01 = sampling.resize_short_side_and_center_crop(frames, size)
   return frames01, dict(path=info.path, fps=info.fps, num_source_frames=info.num_frames,
-                        frame_interval=interval, source_size=[info.height, info.width])
+                        frame_interval=interval, source_size=[info.height, info.width],
+                        stream=info.stream, video_streams=info.num_video_streams)
 
 
 def split_windows(frames, num_frames: int, what: str = "the video", hint: str = "") -> np.ndarray:
@@ -308,8 +334,11 @@ def save_tokens(path, tokens, *, variant: str, fps: float, size, num_frames: int
             "size": np.asarray(size, np.int32).reshape(2), "num_frames": np.int32(num_frames),
             "num_input_frames": np.int32(num_input_frames), "source": np.str_(source)}
   arrays.update({k: np.asarray(v) for k, v in extra.items()})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez_compressed(path, **arrays)
+  path = os.fspath(path)
+  if not path.endswith(".npz"):  # numpy would append it to the temporary name
+    path += ".npz"
+  with atomic_path(path) as tmp:  # never a half-written file under the final name
+    np.savez_compressed(tmp, **arrays)
 
 
 def load_tokens(path, *, variant: Optional[str] = None, model_config=None) -> dict:
@@ -399,9 +428,8 @@ def write_video(path, frames, fps: float, crf: int = 18):
     raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
   if not fps > 0:
     raise ValueError(f"fps must be > 0, got {fps}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   rate = fractions.Fraction(fps).limit_denominator(1001)  # 29.97... -> 30000/1001
-  with av.open(os.fspath(path), mode="w") as container:
+  with atomic_path(path) as tmp, av.open(tmp, mode="w") as container:
     stream = container.add_stream("libx264", rate=rate)
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     stream.options = {"crf": str(crf)}
@@ -437,7 +465,8 @@ def plot_psnr(path, values, title: str, window: Optional[int] = None):
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=100)
   plt.close(fig)
 
 
@@ -445,11 +474,28 @@ def _stem(path) -> str:
   return os.path.splitext(os.path.basename(os.fspath(path)))[0]
 
 
+def output_paths(source, output_dir, *, tokens: bool = False, concat_input: bool = True,
+                 save: bool = False) -> list:
+  """The files `run_video` (`tokens=False`) or `run_tokens` (`tokens=True`) writes for `source`
+  in `output_dir`, in the order of their summaries' `written`."""
+  stem = _stem(source)
+  if tokens:
+    stem = stem[:-len("_tokens")] if stem.endswith("_tokens") and stem != "_tokens" else stem
+    return [os.path.join(output_dir, f"{stem}_decoded.mp4")]
+  names = ["recon.mp4"] + (["side_by_side.mp4"] if concat_input else []) + [
+      "psnr.png", "psnr.json"] + (["tokens.npz"] if save else [])
+  return [os.path.join(output_dir, f"{stem}_{n}") for n in names]
+
+
 def run_video(model, params, input_path, output_dir, *, variant: str, size=(256, 256),
               sample_fps: float = 30.0, num_frames: Optional[int] = None,
               concat_input: bool = True, save: bool = False, seed: int = SEED,
-              batch_size: int = 1, progress: bool = True, long: Optional[dict] = None) -> dict:
+              batch_size: int = 1, progress: bool = True, long: Optional[dict] = None,
+              force: bool = False) -> dict:
   """The whole `--input` path: read, reconstruct, write videos, PSNR plot/JSON and tokens.
+
+  Existing outputs (`output_paths`) are refused (`OutputExistsError`) before any work unless
+  `force`; each file is written under a temporary name and renamed when complete.
 
   `long`: None for official windows; a dict of `reconstruct_long` options (possibly empty) to
   stream the whole video instead (all its frames come back). Returns a summary dict (paths
@@ -457,6 +503,8 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   """
   h, w = (size, size) if isinstance(size, int) else tuple(size)
   num_frames = num_frames or default_num_frames(model.config)
+  refuse_existing(output_paths(input_path, output_dir, concat_input=concat_input, save=save),
+                  force)
   if long is None:
     check_window(model.config, num_frames, h, w)
   else:
@@ -495,6 +543,7 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   summary = dict(input=info["path"], variant=variant, size=[h, w], sample_fps=sample_fps,
                  frame_interval=info["frame_interval"], source_fps=info["fps"],
                  num_source_frames=info["num_source_frames"], num_input_frames=len(frames01),
+                 stream=info["stream"], video_streams=info["video_streams"],
                  num_frames=num_frames, num_windows=len(windows), num_output_frames=len(recon),
                  dropped_frames=len(frames01) - len(recon), latent=latent, seed=seed,
                  psnr_definition="-10 log10(mse + 1e-8) per frame, [0,1], clamped float recon",
@@ -502,8 +551,7 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   if long is not None:
     summary.update(streaming=dict(_LONG_DEFAULTS, **{k: v for k, v in long.items()
                                                       if k != "mesh"}))
-  with open(out["psnr.json"], "w") as f:
-    json.dump(summary, f, indent=1)
+  write_text(out["psnr.json"], json.dumps(summary, indent=1))
   if save:
     extra = {} if long is None else dict(long_video=np.int32(1), t_chunk_enc=np.int32(
         long.get("t_chunk_enc", 16)), use_overlap=np.int32(long.get("use_overlap", True)))
@@ -516,16 +564,16 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
 
 
 def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_size: int = 1,
-               progress: bool = True) -> dict:
-  """The `--tokens` path: decode a tokens file to `<stem>_decoded.mp4` at its stored fps."""
+               progress: bool = True, force: bool = False) -> dict:
+  """The `--tokens` path: decode a tokens file to `<stem>_decoded.mp4` at its stored fps
+  (refused before any work if that file exists, unless `force`)."""
+  (path,) = output_paths(tokens_path, output_dir, tokens=True)
+  refuse_existing([path], force)
   tok = load_tokens(tokens_path, variant=variant, model_config=model.config)
   if tok.get("long_video"):
     video = decode_long_tokens(model.config, params, tok, progress=progress)
   else:
     video = decode_tokens(model, params, tok, batch_size=batch_size, progress=progress)
-  stem = _stem(tokens_path)
-  stem = stem[:-len("_tokens")] if stem.endswith("_tokens") and stem != "_tokens" else stem
-  path = os.path.join(output_dir, f"{stem}_decoded.mp4")
   write_video(path, to_uint8(video), tok["fps"])
   key = "indices" if "indices" in tok else "latents"
   return dict(tokens=os.fspath(tokens_path), variant=variant, num_windows=len(tok[key]),
@@ -534,6 +582,6 @@ def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_si
 
 
 __all__ = ["FORMAT", "check_window", "decode_long_tokens", "decode_tokens", "default_num_frames", "load_tokens",
-           "load_video", "plot_psnr", "psnr_per_frame", "reconstruct_long", "reconstruct_video", "reconstruct_windows",
+           "load_video", "lossy_crop", "output_paths", "plot_psnr", "psnr_per_frame", "reconstruct_long", "reconstruct_video", "reconstruct_windows",
            "run_tokens", "run_video", "save_tokens", "side_by_side", "split_windows", "to_uint8",
            "write_video"]

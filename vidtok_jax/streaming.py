@@ -98,6 +98,29 @@ def blend_weights(n: int, starts: Sequence[int], tile: int, ramp: int, hard: boo
   return w / w.sum(0, keepdims=True)
 
 
+class _RealFrames:
+  """A progress bar fed frame counts of padded passes (`padded` frames each, the first `real`
+  of them the video's own) that shows only the real ones. `update(frames, tiles)`: `frames`
+  more frames of each of `tiles` tiles run side by side (one pass of a group of tiles)."""
+
+  def __init__(self, bar, real: int, padded: int):
+    self.bar, self.real, self.padded, self.pos = bar, real, padded, 0
+
+  def update(self, frames: int, tiles: int = 1):
+    done = 0
+    while frames > 0:  # across the end of a pass: the rest belongs to the next one
+      step = min(frames, self.padded - self.pos)
+      done += tiles * (min(self.pos + step, self.real) - min(self.pos, self.real))
+      self.pos, frames = (self.pos + step) % self.padded, frames - step
+    self.bar.update(done)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.bar.close()
+
+
 class Streamer:
   """Encode / decode / reconstruct host videos of any length chunk by chunk (see module doc).
 
@@ -237,7 +260,7 @@ class Streamer:
       y = y if n > 1 else y[None]
       out[:, :, pos: pos + y.shape[2]] = y
       pos += y.shape[2]
-      bar.update(frames * n)
+      bar.update(frames, n)
     return out[:, :, :pos]
 
   def _encode_windows(self, x, bar):
@@ -266,7 +289,7 @@ class Streamer:
     for y, _ in _pipelined(calls()):
       y = y if n > 1 else y[None]
       outs.append(y)
-      bar.update(y.shape[2] * n)
+      bar.update(y.shape[2], n)
     return np.concatenate(outs, 2)
 
   def _tile_groups(self, tiles):
@@ -291,10 +314,13 @@ class Streamer:
       raise ValueError(f"expected float pixels in [-1, 1], got dtype {video.dtype}")
     return video.astype(np.float32, copy=False)  # no copy of a float32 video
 
-  def _bar(self, total, desc, progress):
+  def _bar(self, real, padded, passes, desc, progress):
+    """A frame progress bar over `passes` passes (tiles) of `padded` frames each, of which the
+    first `real` are the video's own: it counts those, not the padding."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="frame", disable=not progress, leave=False)
+    return _RealFrames(tqdm(total=real * passes, desc=desc, unit="frame", disable=not progress,
+                            leave=False), real, padded)
 
   def _spatial(self, n_h, n_w, unit):
     """Tile starts per axis, in units of `unit` pixels (1: pixels, s: latents)."""
@@ -310,6 +336,7 @@ class Streamer:
     has `indices`. Causal models stream; non-causal ones run window by window (T padded at the
     end to a multiple of `window`)."""
     video = self._check(video)
+    real = video.shape[1]
     if not self.spec.causal:
       video = pad_frames(video, valid_length(self.spec, video.shape[1], self.window))
     elif self.spec.version == "v1.0":
@@ -318,7 +345,7 @@ class Streamer:
     sf = self.spec.spatial_factor
     hs, ws, th, tw, o = self._spatial(video.shape[2], video.shape[3], 1)
     fsq = self.spec.regularizer == "fsq"
-    with self._bar(video.shape[1] * len(hs) * len(ws), "encode", progress) as bar:
+    with self._bar(real, video.shape[1], len(hs) * len(ws), "encode", progress) as bar:
       if len(hs) * len(ws) == 1:
         z, idx = run(video[None], bar)
         z, idx = z[0], (None if idx is None else idx[0])
@@ -364,8 +391,9 @@ class Streamer:
     lat, idx = (None, z) if indices else (z, None)
     sf, f = self.spec.spatial_factor, self.spec.time_downsample_factor
     hs, ws, th, tw, o = self._spatial(z.shape[2], z.shape[3], sf)
-    total = z.shape[1] * f * len(hs) * len(ws)
-    with self._bar(total, "decode", progress) as bar:
+    padded = z.shape[1] * f  # frames counted per tile by the runners
+    real = padded if num_frames is None else min(num_frames, padded)
+    with self._bar(real, padded, len(hs) * len(ws), "decode", progress) as bar:
       if len(hs) * len(ws) == 1:
         y = run(None if lat is None else lat[None], None if idx is None else idx[None], bar)[0]
       else:
@@ -407,7 +435,7 @@ def _collect_latents(calls, n, bar):
     zs.append(z if n > 1 else z[None])
     if ind is not None:
       idx.append(ind if n > 1 else ind[None])
-    bar.update(frames * n)
+    bar.update(frames, n)
   return np.concatenate(zs, 2), (np.concatenate(idx, 2) if idx else None)
 
 

@@ -1,11 +1,15 @@
 """Convert official VidTok checkpoints to Flax params (orbax) and back.
 
   python -m vidtok_jax.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
-      --config vidtok_kl_causal_488_4chn [--set ch=8 ...] [--out DIR] [--force]
-  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors
+      --config vidtok_kl_causal_488_4chn [--config.model.ch=8 ...] [--out DIR] [--force]
+  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors \
+      [--config.model.ch=8 ...] [--force]
 
-`--config` is an official variant name for `vidtok_jax.load_config`; each `--set field=value`
+`--config` is an official variant name for `vidtok_jax.load_config`; each model field override,
+`--config.model.FIELD=VALUE` (as in train.py / eval.py / reconstruct.py) or `--set FIELD=VALUE`,
 becomes a keyword override (values parsed as Python literals, else kept as strings).
+Neither command replaces an existing output unless `--force` is given; `to-torch` writes under a
+temporary name and renames it when complete.
 `to-torch` reads a params tree saved by `to-flax` (or any orbax StandardCheckpointer save of a
 bare params tree).
 """
@@ -18,7 +22,9 @@ import sys
 import numpy as np
 
 from vidtok_jax.convert.io import load_state_dict, save_safetensors
+from vidtok_jax.commands import model_overrides_as_set
 from vidtok_jax.convert.keys import params_from_state_dict, state_dict_from_params
+from vidtok_jax.safe_write import OutputExistsError, atomic_path, refuse_existing
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 
@@ -43,6 +49,21 @@ def _template(args):
   return abstract_params(load_config(args.config, **_overrides(args.set)))
 
 
+def _raise_with_hints(error, args, state_dict, template):
+  """Re-raises a shape mismatch as the config field to change, when the shapes tell."""
+  from vidtok_jax import load_config
+  from vidtok_jax.config import ModelSpec
+  from vidtok_jax.convert.infer import config_hints, torch_shapes
+
+  have, want = torch_shapes(state_dict), torch_shapes(template)
+  other = {k for k in set(have) ^ set(want) if not k.startswith(IGNORED_PREFIXES)}
+  hints = [] if any(not k.startswith(("encoder.", "decoder.")) for k in other) else config_hints(
+      have, ModelSpec.from_config(load_config(args.config, **_overrides(args.set))), want)
+  if hints:
+    raise ValueError(f"{args.ckpt} does not match {args.config}: " + "; ".join(hints)) from error
+  raise error
+
+
 def _count(tree):
   return sum(int(np.size(v)) if not isinstance(v, dict) else _count(v) for v in tree.values())
 
@@ -52,9 +73,13 @@ def to_flax(args):
 
   out = os.path.abspath(args.out or os.path.splitext(args.ckpt)[0] + "_flax")
   if os.path.exists(out) and not args.force:  # fail before the (slow) load, not after
-    raise ValueError(f"output folder {out} exists; pass --force to overwrite it")
+    raise OutputExistsError(f"output folder {out} exists; pass --force to overwrite it")
   state_dict = load_state_dict(args.ckpt)
-  params = params_from_state_dict(state_dict, _template(args), ignore_prefixes=IGNORED_PREFIXES)
+  template = _template(args)
+  try:
+    params = params_from_state_dict(state_dict, template, ignore_prefixes=IGNORED_PREFIXES)
+  except ValueError as e:
+    _raise_with_hints(e, args, state_dict, template)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out, params, force=args.force)
   ckptr.wait_until_finished()
@@ -68,10 +93,13 @@ def to_flax(args):
 def to_torch(args):
   import orbax.checkpoint as ocp
 
+  # Before the (slow) restore: never replace a file (e.g. a downloaded official checkpoint).
+  refuse_existing([args.out], args.force)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(args.dir))
   state_dict = state_dict_from_params(restored)
   params_from_state_dict(state_dict, _template(args), ignore_prefixes=())  # validates vs config
-  save_safetensors(state_dict, args.out)
+  with atomic_path(args.out, args.force) as tmp:  # an interrupted write leaves no half file
+    save_safetensors(state_dict, tmp)
   print(f"wrote {len(state_dict)} keys ({_count(state_dict):,} parameters) from {args.dir} "
         f"-> {args.out}")
 
@@ -88,13 +116,14 @@ def main(argv=None):
   b = sub.add_parser("to-torch", help="orbax Flax params -> PyTorch-layout .safetensors")
   b.add_argument("dir", help="folder written by to-flax")
   b.add_argument("--out", required=True, help="output .safetensors file")
+  b.add_argument("--force", action="store_true", help="overwrite an existing output file")
   b.set_defaults(func=to_torch)
   for p in (a, b):
     p.add_argument("--config", required=True, help="official variant name, e.g. "
                    "vidtok_kl_causal_488_4chn")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override, repeatable (e.g. --set ch=8)")
-  args = parser.parse_args(argv)
+  args = parser.parse_args(model_overrides_as_set(sys.argv[1:] if argv is None else argv))
   try:
     args.func(args)
   except (ValueError, FileNotFoundError, ImportError) as e:

@@ -102,6 +102,8 @@ def run(args) -> dict:
       starts = sampling.start_range(v["num_frames"], fps, n, fps_s)
       print(f"{v['split']:<11}{v['path'][-43:]:<44}{v['orig_height']:>6}x{v['orig_width']:<5}"
             f"{v['fps']:>8.2f}{v['num_frames']:>8}{v['num_frames'] / fps:>7.1f}{starts:>8}")
+      if v.get("video_streams", 1) > 1:  # FFmpeg's choice among several video streams
+        print(f"{'':<11}  (video stream #{v['stream']} of {v['video_streams']}, as FFmpeg picks)")
     for s in skipped:
       print(f"{s.get('split', ''):<11}{s['path'][-43:]:<44} SKIPPED: {s['reason']}")
     usable_train = sum(v["split"] == "train" for v in videos)

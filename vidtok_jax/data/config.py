@@ -105,7 +105,8 @@ def resolve(config, process_count: int = 1) -> ml_collections.ConfigDict:
     raise ValueError("config.data.dir / config.data.tfds_name: neither is set; give a folder of "
                      "videos (dir) or a prepared TFDS dataset name (tfds_name)")
   if cfg.dir is not None and not os.path.isdir(cfg.dir):
-    raise ValueError(f"config.data.dir: {cfg.dir!r} is not a directory")
+    raise ValueError(f"config.data.dir: {cfg.dir!r} " + (
+        "is not a directory" if os.path.exists(cfg.dir) else "does not exist"))
   if cfg.csv is not None and cfg.dir is None:
     raise ValueError("config.data.csv: needs config.data.dir (paths in it are relative to dir)")
   if cfg.tfds_data_dir is None:

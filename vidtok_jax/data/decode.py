@@ -12,6 +12,9 @@ Conventions:
   composited: the colour channels of a transparent pixel are kept as stored.
 * Files are opened as Python file objects, so paths with any bytes work (str, bytes, PathLike).
 * A file that decodes some frames and then fails is an error ("truncated"), never a short clip.
+* A file with several video streams is read from the stream FFmpeg itself picks
+  (`av_find_best_stream`, as the FFmpeg CLI and decord do), not the first one listed;
+  `VideoInfo.stream` says which (`select_stream`).
 """
 
 import dataclasses
@@ -80,6 +83,8 @@ class VideoInfo:
   # mirror in the display matrix (rare) is applied to the frames too but not reported here
   codec: str
   pix_fmt: str
+  stream: int = 0  # container index of the video stream read (see `select_stream`)
+  num_video_streams: int = 1
 
 
 def printable_path(path) -> str:
@@ -192,7 +197,7 @@ def _open(path):
       kinds = sorted({s.type for s in container.streams}) or ["no"]
       raise VideoDecodeError(path, "no_video_stream",
                              f"container has {'/'.join(kinds)} streams only")
-    stream = container.streams.video[0]
+    stream = select_stream(container)
     if stream.codec_context is None:
       raise VideoDecodeError(path, "unsupported_codec",
                              "this FFmpeg build has no decoder for the video stream's codec")
@@ -201,6 +206,16 @@ def _open(path):
     f.close()
     raise
   return container, f, stream
+
+
+def select_stream(container):
+  """The video stream FFmpeg would read: `av_find_best_stream` (the FFmpeg CLI's and decord's
+  choice: the default-disposition stream, else the largest / most-decodable one), not simply
+  `streams.video[0]`. A file with several video streams (e.g. a low-resolution preview as
+  stream #0) otherwise yields other frames, frame counts and metrics than the official reader.
+  """
+  best = container.streams.best("video")
+  return best if best is not None else container.streams.video[0]
 
 
 def _fps(stream) -> float:
@@ -283,7 +298,8 @@ def probe(path, *, min_side: int = 16) -> VideoInfo:
         raise VideoDecodeError(path, "truncated", f"container unreadable: {_ffmpeg(e)}") from e
     h, w = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
     return VideoInfo(printable_path(path), _fps(stream), int(num_frames), h, w, rotation,
-                     stream.codec_context.name, first.format.name)
+                     stream.codec_context.name, first.format.name, stream.index,
+                     len(container.streams.video))
   finally:
     container.close()
     f.close()
@@ -300,7 +316,8 @@ def _scaled_size(h: int, w: int, max_short_side: int | None) -> tuple[int, int]:
 
 def decode(path, *, max_short_side: int | None = None,
            min_side: int = 16) -> tuple[np.ndarray, VideoInfo]:
-  """Every frame of the first video stream as `uint8 (T, H, W, 3)` RGB in display orientation.
+  """Every frame of the video stream FFmpeg picks (`select_stream`) as `uint8 (T, H, W, 3)` RGB
+  in display orientation.
 
   `max_short_side`: downscale (swscale area averaging, i.e. antialiased; aspect kept, sizes
   rounded) so that the shorter side is at most this; never upscales. Scaling happens per frame
@@ -325,7 +342,8 @@ def decode(path, *, max_short_side: int | None = None,
                                   else None))
     video = _orient(np.stack(out), op)
     info = VideoInfo(printable_path(path), _fps(stream), len(out), video.shape[1], video.shape[2],
-                     rotation, stream.codec_context.name, first.format.name)
+                     rotation, stream.codec_context.name, first.format.name, stream.index,
+                     len(container.streams.video))
     return np.ascontiguousarray(video), info
   finally:
     container.close()

@@ -222,7 +222,8 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         continue
       record = dict(path=rel, split=split, fps=round(info.fps, 4), num_frames=int(info.num_frames),
                     height=info.height, width=info.width,
-                    orig_height=probed.height, orig_width=probed.width)
+                    orig_height=probed.height, orig_width=probed.width,
+                    stream=info.stream, video_streams=info.num_video_streams)
       meta["videos"].append(record)
       log.info("[%s %d/%d] %s: %dx%d %.3f fps %d frames", split, n + 1, len(paths), rel,
                probed.width, probed.height, info.fps, info.num_frames)
@@ -266,7 +267,9 @@ def build_video_folder(folder, data_dir, csv=None, store_short_side=256, strict=
   folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
   data_dir = os.path.expanduser(os.fspath(data_dir))
   params = dict(store_short_side=store_short_side, strict=strict, min_side=min_side,
-                csv_name=None if csv is None else os.fspath(csv), version=str(VideoFolder.VERSION))
+                csv_name=None if csv is None else os.fspath(csv), version=str(VideoFolder.VERSION),
+                # Builds made when the first video stream was read get another name: rebuilt.
+                video_stream="ffmpeg_best")
   fp = folder_fingerprint(folder, csv, **params)
   slug = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(folder.rstrip(os.sep)))[:40] or "videos"
   name = f"{slug}_s{store_short_side or 'native'}_{fp[:12]}"
@@ -275,6 +278,12 @@ def build_video_folder(folder, data_dir, csv=None, store_short_side=256, strict=
                           description=f"folder {os.path.basename(folder)}")
   builder = VideoFolder(config=cfg, data_dir=data_dir, file_format=file_format)
   if not builder.is_prepared():
+    if not os.path.isdir(folder):  # before TFDS, whose --manual_dir assertion names neither
+      raise FileNotFoundError(f"video folder {folder} does not exist")
+    if not any(discover_splits(folder, csv)[0].values()):
+      raise ValueError(f"{folder}: no video files found (extensions "
+                       f"{', '.join(VIDEO_EXTENSIONS)}, searched recursively"
+                       + (f", listed in {csv}" if csv is not None else "") + ")")
     log.info("building video_folder/%s from %s into %s", name, folder, data_dir)
     try:
       builder.download_and_prepare(

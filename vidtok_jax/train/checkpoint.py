@@ -384,7 +384,7 @@ def _checkpoints_dir(path: epath.Path) -> Optional[epath.Path]:
   return None
 
 
-def _params_from_train_checkpoint(path: epath.Path, use_ema: bool):
+def _params_from_train_checkpoint(path: epath.Path, use_ema: bool, details: dict):
   """`g_params["model"]` (or the EMA shadow's) of the latest good step under `path` (a workdir,
   checkpoints dir or one step folder), restored alone as numpy (no optimizer templates)."""
   chosen = {}
@@ -421,6 +421,7 @@ def _params_from_train_checkpoint(path: epath.Path, use_ema: bool):
   if found is None:
     raise CheckpointError(f"no checkpoint under {path} could be restored (all steps broken)")
   restored, step = found
+  details.update(step=int(step), source=chosen["source"])
   log.info("loaded %s/model of step %d from %s", chosen["source"], step, ckpts.directory)
   return restored[chosen["source"]]["model"]
 
@@ -440,7 +441,23 @@ def _params_from_orbax_tree(path: epath.Path):
     ckptr.close()
 
 
-def load_init_params(path, config, *, use_ema: bool = False):
+def _config_hints(stored, config, template) -> list:
+  """`convert.infer.config_hints` of a stored state dict / params tree vs the config's."""
+  from vidtok_jax.config import ModelSpec
+  from vidtok_jax.convert.infer import config_hints, torch_shapes
+  from vidtok_jax.train.state import model_config
+
+  try:
+    have, want = torch_shapes(stored), torch_shapes(template)
+    other = {k for k in set(have) ^ set(want) if not k.startswith(("loss.", "model_ema."))}
+    if any(not k.startswith(("encoder.", "decoder.")) for k in other):
+      return []  # another regularizer / variant, not a width or depth: the key list says more
+    return config_hints(have, ModelSpec.from_config(model_config(config)), want)
+  except Exception:  # noqa: BLE001 -- a hint is a nicety: never hide the real mismatch
+    return []
+
+
+def load_init_params(path, config, *, use_ema: bool = False, details: Optional[dict] = None):
   """Params to start a run from (stage 2 `init_from`, or fine-tuning an official model):
   - a train workdir or its checkpoints dir (latest good step; g_params["model"], or the EMA
     shadow's "model" when use_ema and present), or one step folder of it,
@@ -451,9 +468,13 @@ def load_init_params(path, config, *, use_ema: bool = False):
     `vidtok_jax.abstract_params(vidtok_jax.train.state.model_config(config))`),
   - `"hf:NAME"`: the official weights of variant NAME from the Hugging Face hub (downloaded and
     converted once, then cached; see vidtok_jax/pretrained.py).
-  Shapes are checked against `config.model`; a mismatch raises ValueError naming the keys.
+  Shapes are checked against `config.model`; a mismatch raises CheckpointError (a ValueError)
+  naming the config field that differs when the shapes tell (e.g. "this checkpoint has ch=32
+  ...; pass --config.model.ch=32"), else the keys.
   Nothing is written: broken steps of a train checkpoint are skipped, not moved.
-  Returns a params tree (nested dicts) of float32 numpy arrays.
+  Returns a params tree (nested dicts) of float32 numpy arrays. `details`, when given, is
+  filled with `step` (the train step restored; None for other files) and `source` (g_params,
+  ema_params, state_dict (official files and `hf:` weights) or params).
 
   Raises `CheckpointNotFoundError` (a FileNotFoundError and ValueError) for a missing path, and
   `CheckpointError` (a ValueError) for a folder without checkpoints or a corrupt one.
@@ -461,7 +482,10 @@ def load_init_params(path, config, *, use_ema: bool = False):
   from vidtok_jax.convert.io import load_state_dict
   from vidtok_jax.convert.keys import params_from_state_dict
 
+  details = {} if details is None else details
+  details.update(step=None, source="params")
   if isinstance(path, str) and path.startswith("hf:"):
+    details["source"] = "state_dict"
     return _hub_params(path, config, use_ema)
   template = _model_template(config)
   p = _path(path)
@@ -474,14 +498,20 @@ def load_init_params(path, config, *, use_ema: bool = False):
     if use_ema:
       raise CheckpointError(f"{p}: use_ema is only supported for vidtok_jax train checkpoints "
                             "(an official state dict's EMA weights are not converted)")
-    # Already shape-checked against the template (missing / unexpected / mis-shaped keys).
-    return params_from_state_dict(load_state_dict(os.fspath(path)), template)
+    state_dict = load_state_dict(os.fspath(path))
+    details["source"] = "state_dict"
+    try:  # shape-checked against the template (missing / unexpected / mis-shaped keys)
+      return params_from_state_dict(state_dict, template)
+    except ValueError as e:
+      hints = _config_hints(state_dict, config, template)
+      raise CheckpointError(f"{p} does not match config.model ({config.model.get('name')}): "
+                            + ("; ".join(hints) if hints else str(e))) from e
   if (p / "_METADATA").exists() and not (p / STATE).exists():
     if use_ema:
       raise CheckpointError(f"{p}: use_ema needs a train checkpoint; this is a bare params tree")
     params = _params_from_orbax_tree(p)
   else:
-    params = _params_from_train_checkpoint(p, use_ema)
+    params = _params_from_train_checkpoint(p, use_ema, details)
     if params is None:
       raise CheckpointError(f"{p} holds no checkpoint: expected a train workdir (with "
                             "checkpoints/<step>/), a checkpoints folder, a step folder, a "
@@ -489,7 +519,11 @@ def load_init_params(path, config, *, use_ema: bool = False):
   problem = _mismatch(_leaf_specs(params, dtypes=False), _leaf_specs(template, dtypes=False),
                       f"params in {p} do not match config.model ({config.model.get('name')})")
   if problem:
-    raise ValueError(problem)
+    hints = _config_hints(params, config, template)
+    if hints:  # the field to change, not hundreds of mis-shaped keys
+      problem = (f"params in {p} do not match config.model ({config.model.get('name')}): "
+                 + "; ".join(hints))
+    raise CheckpointError(problem)
   return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 

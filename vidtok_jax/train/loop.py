@@ -20,6 +20,7 @@ into the state, and `Checkpoints.save` refuses one anyway.
 import collections
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -50,12 +51,12 @@ class NonFiniteError(RuntimeError):
 
 def validate_config(config) -> None:
   """Raise ValueError naming the first bad top-level loop field."""
-  for name in ("total_steps", "log_every", "eval_every", "sample_every", "checkpoint_every",
-               "keep_last"):
+  for name in ("total_steps", "log_every", "checkpoint_every", "keep_last"):
     v = config.get(name)
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"config.{name}: must be a positive int, got {v!r}")
-  for name in ("eval_clips", "keep_best", "profile_steps"):
+  # 0 turns validation (eval_every) / the image samples (sample_every) off.
+  for name in ("eval_every", "sample_every", "eval_clips", "keep_best", "profile_steps"):
     v = config.get(name)
     if not isinstance(v, int) or v < 0:
       raise ValueError(f"config.{name}: must be an int >= 0, got {v!r}")
@@ -195,7 +196,14 @@ class _Monitor:
 
 
 def _due(step, every, total):
-  return step % every == 0 or step == total
+  """Whether a periodic action with period `every` (0: never) runs at `step`."""
+  return every > 0 and (step % every == 0 or step == total)
+
+
+def _validation_on(config) -> bool:
+  """Validation (PSNR, and the image samples drawn from its clips) runs unless `eval_every` or
+  `eval_clips` is 0."""
+  return config.eval_clips > 0 and config.eval_every > 0
 
 
 def train_and_evaluate(config, workdir: str):
@@ -206,9 +214,47 @@ def train_and_evaluate(config, workdir: str):
   """
   validate_config(config)
   config = resolve_precision(config)
+  # A run refused before its first step (a checkpoint that does not match the config, a bad
+  # init_from, no readable videos) must leave no stray files: note what is new, remove it on
+  # such a failure. A compilation cache folder this run created (WORKDIR/xla_cache by default)
+  # counts as new; the events file is only created once the restore succeeded.
+  cache_path = compile_cache.cache_dir(config.compilation_cache_dir, workdir)
+  created = [p for p in (workdir, os.path.join(workdir, "checkpoints")) if not os.path.exists(p)]
+  ours = [cache_path] if cache_path and not os.path.exists(cache_path) and _inside(
+      cache_path, workdir) else []
+  progress = {"started": False}
+  try:
+    return _train(config, workdir, cache_path, progress)
+  except BaseException:
+    if not progress["started"] and jax.process_index() == 0:
+      for p in ours:  # this run's new compilation cache folder (inside the workdir)
+        compile_cache.disable(p)
+        shutil.rmtree(p, ignore_errors=True)
+      for p in reversed(created):  # the checkpoints folder first, then the workdir
+        _remove_if_only_ours(p)
+    raise
+
+
+def _inside(path, folder) -> bool:
+  path, folder = os.path.abspath(path), os.path.abspath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
+def _remove_if_only_ours(path):
+  """Remove `path` (a folder this run created) when it holds nothing but empty folders and
+  TensorBoard event files of this run."""
+  if not os.path.isdir(path):
+    return
+  for root, _, files in os.walk(path):
+    if any(not f.startswith("events.out.tfevents.") for f in files):
+      log.warning("not removing %s: it holds files (%s)", path, root)
+      return
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def _train(config, workdir: str, cache_path, progress: dict):
   os.makedirs(workdir, exist_ok=True)
-  cache = compile_cache.enable(compile_cache.cache_dir(config.compilation_cache_dir, workdir))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  cache = compile_cache.enable(cache_path)
   mesh = mesh_lib.make_mesh(config)
   log.info("%d process(es), %d device(s) (%s), mesh %s", jax.process_count(), jax.device_count(),
            jax.devices()[0].platform, dict(mesh.shape))
@@ -216,17 +262,23 @@ def train_and_evaluate(config, workdir: str):
            "optimizer state, norm statistics and loss reductions float32",
            config.train.dtype, config.train.requested_dtype, config.train.precision)
   log.info("compilation cache: %s", cache or "off")
+  # keep-best ranks by validation PSNR at checkpoint steps: off without validation.
   ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep_last=config.keep_last,
-                               keep_best=config.keep_best if config.eval_clips else 0,
+                               keep_best=config.keep_best if _validation_on(config) else 0,
                                best_metric=BEST_METRIC, best_mode="max",
                                async_save=config.async_checkpointing, config=config)
-  lpips_params = None
-  if config.loss.perceptual_weight > 0:
-    from vidtok_jax.metrics.lpips import load_lpips_params  # only with the perceptual term
+  try:
+    lpips_params = None
+    if config.loss.perceptual_weight > 0:
+      from vidtok_jax.metrics.lpips import load_lpips_params  # only with the perceptual term
 
-    lpips_params = load_lpips_params(net=config.loss.lpips_net)
-
-  state, shardings, start = _restore_or_init(config, mesh, ckpts, lpips_params)
+      lpips_params = load_lpips_params(net=config.loss.lpips_net)
+    state, shardings, start = _restore_or_init(config, mesh, ckpts, lpips_params)
+  except BaseException:
+    ckpts.close()
+    raise
+  # Created only now, so a refused restore leaves no events file behind.
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
   if start == 0 and jax.process_index() == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
@@ -248,6 +300,7 @@ def train_and_evaluate(config, workdir: str):
                     out_shardings=(shardings, None), donate_argnums=0,
                     compiler_options=compiler_options())
   batch = mesh_lib.shard_batch(mesh, next(data))
+  progress["started"] = True  # restored (or initialised) and reading data
   t0 = time.monotonic()
   with compile_cache.Watch() as watch:
     step_fn = step_fn.lower(state, batch).compile()
@@ -259,7 +312,8 @@ def train_and_evaluate(config, workdir: str):
   writer.write_scalars(start, {"perf/compile_seconds": dt,
                                "perf/compile_cache_hit": float(watch.source == "cache")})
 
-  eval_set = validation.load_eval_set(config, config.eval_clips)
+  eval_set = (validation.load_eval_set(config, config.eval_clips) if _validation_on(config)
+              else None)
   eval_fn = validation.make_eval_step(config, mesh) if eval_set is not None else None
   eval_params = lambda s: (s.ema_params if config.eval_use_ema and s.ema_params is not None
                            else s.g_params)["model"]
@@ -274,7 +328,7 @@ def train_and_evaluate(config, workdir: str):
     return psnr
 
   if start == 0 and eval_set is not None:
-    run_eval(state, 0, True)
+    run_eval(state, 0, config.sample_every > 0)
 
   monitor = _Monitor(config, writer, start)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
