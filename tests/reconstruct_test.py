@@ -258,6 +258,47 @@ def test_write_video_round_trips_frame_count(tmp_path):
     rc.write_video(tmp_path / "odd.mp4", frames[:, :15], 10)
 
 
+def test_video_writer_appends_batches_and_never_leaves_half_a_file(tmp_path):
+  frames = np.full((7, 16, 24, 3), 90, np.uint8)
+  with rc.VideoWriter(tmp_path / "v.mp4", 16, 24, 10) as w:
+    w.write(frames[:3])
+    assert not (tmp_path / "v.mp4").exists()  # only under its temporary name until closed
+    w.write(frames[3:])
+    with pytest.raises(ValueError, match=r"uint8 frames \(T, 16, 24, 3\)"):
+      w.write(frames[:, :8])
+  got, info = decode(tmp_path / "v.mp4")
+  assert got.shape == frames.shape and info.fps == pytest.approx(10)
+  with pytest.raises(KeyError):  # an error while writing: nothing under the final name
+    with rc.VideoWriter(tmp_path / "w.mp4", 16, 24, 10) as w:
+      w.write(frames)
+      raise KeyError("interrupted")
+  assert os.listdir(tmp_path) == ["v.mp4"]
+
+
+def test_frames_are_written_while_the_device_reconstructs(tmp_path, kl_setup):
+  """run_video's windows path: each batch is encoded on a writer thread as it comes back (batch
+  k+1 already dispatched); the reconstruction equals `reconstruct_windows`, the files hold every
+  frame, and they are the same video as one whole write."""
+  windows = np.random.default_rng(3).uniform(0, 1, (3, 9, 16, 16, 3)).astype(np.float32)
+  seen = []
+  with on_cpu():
+    ref, ref_tok = rc.reconstruct_windows(kl_setup.model, kl_setup.params, windows, batch_size=2,
+                                          on_batch=lambda lo, hi, r: seen.append((lo, hi)))
+    out = {k: str(tmp_path / k) for k in ("recon.mp4", "side_by_side.mp4")}
+    recon, tok = rc._reconstruct_writing(kl_setup.model, kl_setup.params, windows, rc.SEED, 2,
+                                         False, out, True, 10.0)
+  assert seen == [(0, 2), (2, 3)]
+  np.testing.assert_array_equal(recon, ref)
+  np.testing.assert_array_equal(tok, ref_tok)
+  rc.write_video(tmp_path / "whole.mp4", rc.to_uint8(ref.reshape(-1, 16, 16, 3)), 10.0)
+  whole, _ = decode(tmp_path / "whole.mp4")
+  got, info = decode(out["recon.mp4"])
+  side, _ = decode(out["side_by_side.mp4"])
+  assert got.shape == whole.shape == (27, 16, 16, 3) and side.shape == (27, 16, 32, 3)
+  assert luma_psnr(got, whole).min() > 40  # lossy codec: same frames, near-identical video
+  assert luma_psnr(side[:, :, 16:], whole).min() > 30
+
+
 @pytest.fixture(scope="module")
 def kl_setup(tmp_path_factory):
   return Setup(KL, tmp_path_factory.mktemp("kl_errors"), 0)

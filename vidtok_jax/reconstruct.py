@@ -24,6 +24,8 @@ Tokens files (`save_tokens`) are `.npz`: `indices` int32 `(K, t, h, w)` (FSQ) or
 `num_input_frames`, `source`), loadable without pickle.
 """
 
+import concurrent.futures
+import contextlib
 import fractions
 import json
 import logging
@@ -199,24 +201,39 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def reconstruct_windows(model, params, windows01, seed: int = SEED, batch_size: int = 1,
-                        progress: bool = False):
+                        progress: bool = False, on_batch=None):
   """`windows01 (K, T, H, W, 3)` in [0, 1] -> `(recon01 (K, T, H, W, 3) float32 in [0, 1],
   tokens)` through the official forward (KL: sampled latent, window k seeded with
   `fold_in(key(seed), k)`), `batch_size` windows per call (the last call padded).
-  tokens: FSQ indices int32 `(K, t, h, w)` or KL posterior means float32 `(K, t, h, w, C)`."""
+  tokens: FSQ indices int32 `(K, t, h, w)` or KL posterior means float32 `(K, t, h, w, C)`.
+
+  Batch k+1 is dispatched before batch k is read back, so the device works while the host
+  copies (and `on_batch(lo, hi, recon01[lo:hi])`, e.g. a video writer, runs)."""
   windows01 = np.asarray(windows01, np.float32)
   k = len(windows01)
   batch_size = max(1, min(batch_size, k))
   fn = _forward_fn(model)
   recon, tokens = [], []
   bar = _progress(k, "reconstruct", progress)
-  for lo, hi in _chunks(k, batch_size):
-    ids = _pad_rows(np.arange(lo, hi, dtype=np.int32), batch_size)
-    r, t = fn(params, _pad_rows(windows01[lo:hi], batch_size), ids, seed)
-    recon.append(np.asarray(r)[:hi - lo])
-    tokens.append(np.asarray(t)[:hi - lo])
+
+  def collect(pending):
+    (lo, hi), (r, t) = pending
+    r, t = jax.device_get((r, t))
+    recon.append(r[:hi - lo])
+    tokens.append(t[:hi - lo])
+    if on_batch is not None:
+      on_batch(lo, hi, recon[-1])
     if bar is not None:
       bar.update(hi - lo)
+
+  pending = None
+  for lo, hi in _chunks(k, batch_size):
+    ids = _pad_rows(np.arange(lo, hi, dtype=np.int32), batch_size)
+    cur = (lo, hi), fn(params, _pad_rows(windows01[lo:hi], batch_size), ids, seed)
+    if pending is not None:
+      collect(pending)
+    pending = cur
+  collect(pending)
   if bar is not None:
     bar.close()
   return np.concatenate(recon), np.concatenate(tokens)
@@ -412,33 +429,78 @@ def side_by_side(left, right) -> np.ndarray:
   return np.concatenate([left, right], axis=2)
 
 
-def write_video(path, frames, fps: float, crf: int = 18):
-  """Writes uint8 `(T, H, W, 3)` RGB frames as H.264 (libx264, yuv420p) at `fps`.
+class VideoWriter:
+  """Writes uint8 `(T, H, W, 3)` RGB frames as H.264 (libx264, yuv420p) at `fps`, appended batch
+  by batch (`write`), under a temporary name renamed to `path` by `close()` (`abort()` or an
+  exception inside `with` deletes it instead: no half file under the final name).
 
   yuv420p needs even H and W. `crf` 18: visually near-lossless (x264's default is 23).
   """
+
+  def __init__(self, path, height: int, width: int, fps: float, crf: int = 18):
+    import av
+
+    if height % 2 or width % 2:
+      raise ValueError(f"H.264 yuv420p needs even sizes, got {height}x{width}")
+    if not fps > 0:
+      raise ValueError(f"fps must be > 0, got {fps}")
+    self.shape = (height, width, 3)
+    self._rate = fractions.Fraction(fps).limit_denominator(1001)  # 29.97... -> 30000/1001
+    self._stack = contextlib.ExitStack()
+    tmp = self._stack.enter_context(atomic_path(path))
+    self._container = self._stack.enter_context(av.open(tmp, mode="w"))
+    self._stream = self._container.add_stream("libx264", rate=self._rate)
+    self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+    self._stream.options = {"crf": str(crf)}
+    self.frames = 0
+
+  def write(self, frames):
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.shape[1:] != self.shape:
+      raise ValueError(f"VideoWriter expects uint8 frames (T, {', '.join(map(str, self.shape))}),"
+                       f" got {frames.dtype} {frames.shape}")
+    for frame in frames:
+      vf = _av_frame(frame)
+      vf.pts = self.frames
+      vf.time_base = fractions.Fraction(1) / self._rate
+      self._container.mux(self._stream.encode(vf))
+      self.frames += 1
+
+  def close(self):
+    if not self.frames:
+      self.abort()
+      raise ValueError("VideoWriter: no frames were written")
+    self._container.mux(self._stream.encode())  # flush the encoder's delayed frames
+    self._stack.close()  # closes the container, then renames it over the final name
+
+  def abort(self):
+    self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self._stack.__exit__(exc_type, exc, tb)
+
+
+def _av_frame(frame):
   import av
 
+  return av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+
+
+def write_video(path, frames, fps: float, crf: int = 18):
+  """Writes uint8 `(T, H, W, 3)` RGB frames as H.264 (libx264, yuv420p) at `fps` (see
+  `VideoWriter`), atomically."""
   frames = np.asarray(frames)
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
     raise ValueError(f"write_video expects uint8 frames (T>0, H, W, 3), got {frames.dtype} "
                      f"{frames.shape}")
-  _, h, w, _ = frames.shape
-  if h % 2 or w % 2:
-    raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
-  if not fps > 0:
-    raise ValueError(f"fps must be > 0, got {fps}")
-  rate = fractions.Fraction(fps).limit_denominator(1001)  # 29.97... -> 30000/1001
-  with atomic_path(path) as tmp, av.open(tmp, mode="w") as container:
-    stream = container.add_stream("libx264", rate=rate)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    stream.options = {"crf": str(crf)}
-    for i, frame in enumerate(frames):
-      vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-      vf.pts = i
-      vf.time_base = fractions.Fraction(1) / rate
-      container.mux(stream.encode(vf))
-    container.mux(stream.encode())  # flush the encoder's delayed frames
+  with VideoWriter(path, frames.shape[1], frames.shape[2], fps, crf) as w:
+    w.write(frames)
 
 
 def psnr_per_frame(frames01, recon01) -> np.ndarray:
@@ -520,20 +582,22 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
         frames01, num_frames, what=f"{info['path']} (at sample_fps {sample_fps:g}: every "
         f"{interval} of {info['num_source_frames']} frames)",
         hint="a shorter --num_frames" + (" or a higher --sample_fps" if interval > 1 else ""))
-    recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress)
     inp = windows.reshape((-1,) + windows.shape[2:])
-  recon = recon.reshape(inp.shape)
-  values = psnr_per_frame(inp, recon)
-  mean = float(np.mean(values))
-
   stem = _stem(input_path)
   os.makedirs(output_dir, exist_ok=True)
   out = {k: os.path.join(output_dir, f"{stem}_{k}")
          for k in ("recon.mp4", "side_by_side.mp4", "psnr.png", "psnr.json", "tokens.npz")}
-  recon_u8 = to_uint8(recon)
-  write_video(out["recon.mp4"], recon_u8, sample_fps)
-  if concat_input:
-    write_video(out["side_by_side.mp4"], side_by_side(to_uint8(inp), recon_u8), sample_fps)
+  if long is None:
+    recon, tokens = _reconstruct_writing(model, params, windows, seed, batch_size, progress,
+                                         out, concat_input, sample_fps)
+  else:
+    recon_u8 = to_uint8(recon)
+    write_video(out["recon.mp4"], recon_u8, sample_fps)
+    if concat_input:
+      write_video(out["side_by_side.mp4"], side_by_side(to_uint8(inp), recon_u8), sample_fps)
+  recon = recon.reshape(inp.shape)
+  values = psnr_per_frame(inp, recon)
+  mean = float(np.mean(values))
   fsq = model.config.regularizer == "fsq"
   latent = "FSQ codes" if fsq else (
       "KL posterior mode" if long is not None else
@@ -561,6 +625,37 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   written = [out["recon.mp4"]] + ([out["side_by_side.mp4"]] if concat_input else []) + [
       out["psnr.png"], out["psnr.json"]] + ([out["tokens.npz"]] if save else [])
   return dict(summary, written=written)
+
+
+def _reconstruct_writing(model, params, windows, seed, batch_size, progress, out, concat_input,
+                         fps):
+  """`reconstruct_windows`, with each batch's frames H.264-encoded into the output videos on a
+  writer thread while the device reconstructs the next batches (the encoder releases the GIL)."""
+  h, w = windows.shape[2:4]
+  with contextlib.ExitStack() as stack:
+    recon_w = stack.enter_context(VideoWriter(out["recon.mp4"], h, w, fps))
+    side_w = (stack.enter_context(VideoWriter(out["side_by_side.mp4"], h, 2 * w, fps))
+              if concat_input else None)
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+    writes = []
+
+    def write(lo, hi, recon01):
+      def job():
+        r = to_uint8(recon01.reshape((-1,) + recon01.shape[2:]))
+        recon_w.write(r)
+        if side_w is not None:
+          x = to_uint8(windows[lo:hi].reshape(r.shape[:1] + windows.shape[2:]))
+          side_w.write(side_by_side(x, r))
+      for f in writes:  # a failed write surfaces at the next batch, not at the end
+        if f.done():
+          f.result()
+      writes.append(pool.submit(job))
+
+    recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress,
+                                        on_batch=write)
+    for f in writes:
+      f.result()  # in order; an encoder error raises here and the writers discard their files
+  return recon, tokens
 
 
 def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_size: int = 1,
