@@ -102,8 +102,10 @@ def eval_items(args, n, seed=0):
 
 
 def run_eval(args, out):
-  import vidtok_jax.metrics.lpips as lpips_lib
   from vidtok_jax import evaluation
+
+  # The module (the package attribute `vidtok_jax.metrics.lpips` is the function).
+  lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")
   from vidtok_jax.models.autoencoder import random_params
 
   cfg = eval_config(args)
