@@ -12,7 +12,11 @@ DEMO_ARGS ?=
 # the other core dependencies, unpinned: requirements-latest.txt) on a newer Python, in their own
 # venv, running the fast subset below (model parity, train step, streaming, convert,
 # from_pretrained, core imports). Neither TensorFlow nor torch is installed there.
-PYTHON_LATEST ?= python3.12
+# python3.12 on PATH, else pyenv's newest 3.12.x (where pyenv's global is another version, its
+# bare `python3.12` shim answers "command not found").
+PYTHON_LATEST ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | tail -n 1) \
+	pyenv which python3.12 2>/dev/null)
 VENV_LATEST ?= .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 LATEST_TESTS ?= tests/layers_test.py tests/blocks_test.py tests/regularizers_test.py \
@@ -27,7 +31,7 @@ LIBTPU ?= libtpu==0.0.42.1
 # Lint tools are pinned here, not in requirements.txt (lint is not part of CI yet).
 LINT_REQS := ruff==0.17.6 pyink==26.5.1
 
-.PHONY: install install-tpu install-test demo test install-latest test-latest lint format clean
+.PHONY: install install-tpu install-test demo test test-pinned install-latest test-latest lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,13 +55,18 @@ demo: install
 	$(PIP) install --no-deps -r requirements-demo.txt
 	$(PY) -m vidtok_jax.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
-# pytest exits non-zero on any failure or error, and with 5 when it collects no test; make fails
-# on every one of them (nothing here swallows the exit code). `-p no:benchmark`: the base image
-# ships pytest-benchmark, which only warns that xdist disables it.
-test: install-test
+# `make test`: both legs, the whole suite on the pinned set, then the fast subset on Python 3.12
+# with the newest releases (CI runs this). pytest exits non-zero on any failure or error, and
+# with 5 when it collects no test; make fails on every one of them (nothing here swallows the
+# exit code). `-p no:benchmark`: the base image ships pytest-benchmark, which only warns that
+# xdist disables it.
+test: test-pinned test-latest
+
+test-pinned: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) tests
 
 install-latest:
+	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest: no Python 3.12 found (neither python3.12 on PATH nor pyenv's 3.12.x); pass PYTHON_LATEST=/path/to/python3.12, or run the pinned leg alone: make test-pinned" >&2; exit 1; }
 	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --upgrade -r requirements-latest.txt
 	$(PY_LATEST) -m pip install -e . --no-deps

@@ -9,9 +9,12 @@ Ops (`--ops`, comma-separated; default all):
 * `eval`: `vidtok_jax.evaluation.Evaluator` (PSNR, SSIM, LPIPS-VGG, I3D features on the device)
   over `--eval_videos` videos of `--eval_frames` frames: synthetic uint8 frames at
   `--eval_source` (resized to 256^2 on the host, as decoded videos are), or the pre-decoded
-  uint8 `(T, H, W, 3)` `.npy` files of `--npy_dir`. LPIPS and I3D weights are random arrays of
+  uint8 `(T, H, W, 3)` `.npy` files of `--npy_dir`, or the video files of `--video_dir`
+  (decoded with PyAV as `eval.py` does, frames at `--fps`). LPIPS and I3D weights are random arrays of
   the right shapes unless `--i3d_weights` is given (speed does not depend on the values). One
-  warm-up run of two videos compiles; the timed run reports clips/s and the time split. The
+  warm-up run of two videos compiles; the timed run reports clips/s and the time split (host
+  decode + resize per video; per device batch, each part jitted alone: model, PSNR + SSIM +
+  LPIPS, I3D). The
   device-busy fraction is (calls x the step's time alone, on device-resident batches) / wall.
 * `encode`, `decode`, `reconstruct`: one jitted program on `--batch` x 17x256^2 clips (decode:
   their latents), median of `--repeats` calls after a warm-up; clips/s.
@@ -88,6 +91,13 @@ def random_eval_weights(args):
 def eval_items(args, n, seed=0):
   from vidtok_jax.evaluation import VideoItem
 
+  if args.video_dir:  # real files, decoded with PyAV at --fps sampling (eval.py's path)
+    from vidtok_jax.evaluation import folder_videos
+    from vidtok_jax.data import read_video_list
+    paths = read_video_list(args.video_dir)[0][:n]
+    if not paths:
+      raise FileNotFoundError(f"no videos in {args.video_dir}")
+    return list(folder_videos(paths, args.fps))
   if args.npy_dir:
     files = sorted(pathlib.Path(args.npy_dir).glob("*.npy"))[:n]
     if not files:
@@ -135,15 +145,52 @@ def run_eval(args, out):
   ids = jax.device_put(np.arange(b, dtype=np.uint32), ev._batch_sharding)  # pylint: disable=protected-access
   step_s = timed(lambda: jax.block_until_ready(ev._step(ev.params, ev.lpips_params, ev.i3d,  # pylint: disable=protected-access
                                                         x, ids)), args.repeats)
-  # The host side alone: decode (load) + resize + windows of one video.
-  host_s = timed(lambda: ev._prepare(items[0]), 2)  # pylint: disable=protected-access
+  # The time split of one device batch: reconstruction alone, the metrics alone, I3D alone.
+  split = eval_split(args, ev, x, ids)
+  # The host side alone: decode (load) + resize + windows of each video, once.
+  host_s = []
+  for item in items:
+    t = time.perf_counter()
+    ev._prepare(item)  # pylint: disable=protected-access
+    host_s.append(time.perf_counter() - t)
   out["eval"] = {
       "videos": len(items), "clips": n_clips, "batch_per_device": ev.batch_size,
       "devices": ev.n_dev, "wall_s": wall, "clips_per_s": n_clips / wall,
       "step_s": step_s, "device_busy_fraction": min(calls * step_s / wall, 1.0),
-      "host_prepare_s_per_video": host_s, "host_prepare_s_total": host_s * len(items),
+      "split_s_per_call": split,
+      "split_s_total": {k: v * calls for k, v in split.items()},
+      "host_prepare_s_per_video": statistics.mean(host_s), "host_prepare_s_total": sum(host_s),
       "main_thread_timing_s": res["timing"], "warmup_and_compile_s": compile_s,
-      "source": args.npy_dir or f"synthetic {args.eval_frames}x{args.eval_source}"}
+      "source": (args.video_dir or args.npy_dir
+                 or f"synthetic {args.eval_frames}x{args.eval_source}")}
+
+
+def eval_split(args, ev, x, ids):
+  """Seconds per device batch of each part of the eval step, each jitted alone on
+  device-resident inputs: the model (sampled reconstruction), PSNR + SSIM + LPIPS, and I3D on the
+  real and reconstructed windows. Their sum exceeds the fused step's (no overlap, extra
+  launches)."""
+  model, seed = ev.model, ev.seed
+
+  def recon(params, x01, wid):
+    def one(xi, w):
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), w)
+      return model.apply({"params": params}, xi[None] * 2.0 - 1.0, True, 0, False,
+                         rngs={"sample": key})[1][0]
+    return (jnp.clip(jax.vmap(one)(x01, wid).astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0
+
+  recon = jax.jit(recon)
+  r = jax.block_until_ready(recon(ev.params, x, ids))
+  split = {"model": timed(lambda: jax.block_until_ready(recon(ev.params, x, ids)), args.repeats),
+           "psnr_ssim_lpips": timed(lambda: jax.block_until_ready(
+               ev._metrics(ev.lpips_params, x, r)), args.repeats)}  # pylint: disable=protected-access
+  if ev.fvd:
+    logits = jax.jit(ev.fvd_lib._logits)  # pylint: disable=protected-access
+    u8 = lambda v: jnp.round(jnp.clip(v, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    xu, ru = jax.block_until_ready((u8(x), u8(r)))
+    split["i3d"] = timed(lambda: jax.block_until_ready((logits(ev.i3d, xu), logits(ev.i3d, ru))),
+                         args.repeats)
+  return split
 
 
 def vidtok_jax_abstract(model_cfg):
@@ -229,6 +276,8 @@ def main(argv=None):
   p.add_argument("--eval_frames", type=int, default=33, help="frames per synthetic video")
   p.add_argument("--eval_source", default="270x480", help="synthetic frame size HxW")
   p.add_argument("--npy_dir", default=None, help="pre-decoded uint8 (T, H, W, 3) .npy videos")
+  p.add_argument("--video_dir", default=None,
+                 help="real video files for eval (decoded with PyAV, frames at --fps)")
   p.add_argument("--fps", type=float, default=8.0, help="frame rate of the eval inputs")
   p.add_argument("--i3d_weights", default=None)
   p.add_argument("--long_frames", type=int, default=65)
