@@ -307,6 +307,8 @@ def main(argv=None):
     elif op == "memory":
       run_memory(args, out)
     print(f"{op}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    if args.json:  # after every op: a later op that fails (e.g. out of memory) loses nothing
+      pathlib.Path(args.json).write_text(json.dumps(out, indent=1, default=str))
   out["total_s"] = time.perf_counter() - t0
   text = json.dumps(out, indent=1, default=str)
   print(text)
