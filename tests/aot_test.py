@@ -82,6 +82,30 @@ def test_topology_report_on_this_host(tmp_path):
                                                 m["temporaries"] - m["aliased"])
   assert m["temporaries"] > 0 and rec["tflop"] > 0 and rec["compile_s"] > 0
   assert rec["collectives"] == {}  # one device: nothing to exchange
+  assert rec["stage"] == 1  # --stage auto at 32^2: the official stage 1
+
+
+def test_stage_follows_the_official_recipe():
+  assert bench.resolve_stage("auto", 128) == 1 and bench.resolve_stage("auto", 256) == 2
+  assert bench.resolve_stage("1", 256) == 1
+  cfg = bench.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 8, 17, 256, stage=2)
+  assert cfg.train.fix_encoder and cfg.stage == 2
+  assert not bench.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 16, 17,
+                                128).train.fix_encoder
+
+
+def test_inference_plans_on_this_host(tmp_path):
+  out = tmp_path / "plan.json"
+  bench.main(TINY + ["--ops=encode,decode", "--topology=cpu", "--shape=1,9,32,32",
+                     f"--json={out}"])
+  enc, dec = json.loads(out.read_text())
+  assert (enc["op"], dec["op"]) == ("encode", "decode")
+  for r in (enc, dec):
+    assert r["dtype"] == "bfloat16" and r["precision"] == "default" and r["clips_per_chip"] == 1
+    assert r["hbm_needed_gib"] > 0 and r["tflop"] > 0 and r["collectives"] == {}
+  assert dec["tflop"] > enc["tflop"]  # VidTok's decoder is the heavier half
+  with pytest.raises(SystemExit, match="not forward"):
+    bench.main(TINY + ["--ops=forward", "--topology=cpu"])
 
 
 def _tpu_python():
@@ -102,10 +126,15 @@ def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
              ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.bench", *TINY, "--topology=v5e:2x2",
-                      "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}"],
+                      "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}",
+                      "--ops=encode,train_step"],
                      capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
   assert p.returncode == 0, p.stderr[-4000:]
-  (rec,) = json.loads(out.read_text())
+  enc, rec = json.loads(out.read_text())
+  # encode: the batch over data, the height over space (as the streamer shards it)
+  assert enc["op"] == "encode" and enc["chip"] == "v5e" and enc["clips_per_chip"] == 1
+  assert enc["mesh"] == {"data": 2, "space": 2}
+  assert enc["roofline_clips_per_s_per_chip"] > 0 and enc["fits"]
   assert rec["device_kind"].startswith("TPU v5") and rec["devices"] == 4
   assert rec["mesh"] == {"data": 2, "space": 2} and rec["clips_per_chip"] == 1
   assert rec["chip"] == "v5e" and rec["fits"] and 0 < rec["hbm_needed_gib"] < 16

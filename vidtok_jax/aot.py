@@ -12,6 +12,7 @@ against the chip's HBM), XLA's cost analysis (FLOPs, bytes accessed), a roofline
 `max(FLOPs / peak, bytes / HBM bandwidth)`, the collectives of the compiled HLO with their bytes,
 and the lower / compile times. `fit_batch` finds the largest per-chip batch that fits from two
 compiles and a linear fit of memory in the batch, confirmed by one more compile.
+`plan_inference` does the same for the model's encode or decode.
 """
 
 import collections
@@ -165,6 +166,62 @@ def plan_train_step(cfg, devices, backend: str, chip: Optional[dict] = None,
              remat=cfg.model.remat,
              lpips=cfg.loss.perceptual_weight > 0, lower_s=lower_s, compile_s=compile_s)
   rec.update(report(compiled, chip))
+  return rec
+
+
+def plan_inference(model_cfg, op: str, devices, backend: str, chip: Optional[dict] = None,
+                   shape=(1, 17, 256, 256, 3), sizes: Optional[dict] = None) -> dict:
+  """Compiles `encode` or `decode` of `model_cfg` for `devices` on the video batch `shape` (for
+  decode: its latent), params replicated; its record (`report` plus the clips per second per
+  chip the roofline allows). `sizes` (`parse_mesh`): the batch split over `data` x `fsdp`, the
+  height over `space` (what `Streamer(mesh=...)` does); default: the batch over every device."""
+  import vidtok_jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from vidtok_jax.compile_options import compiler_options
+
+  if op not in ("encode", "decode"):
+    raise ValueError(f"plan_inference: op must be encode or decode, got {op!r}")
+  n = len(devices)
+  sizes = sizes or dict(data=n, fsdp=1, space=1)
+  rows, space = sizes["data"] * sizes["fsdp"], sizes["space"]
+  if shape[0] % rows:
+    raise ValueError(f"the batch {shape[0]} must divide by data x fsdp = {rows}")
+  mesh = Mesh(np.asarray(devices).reshape(rows, space), ("data", "space"))
+  rep = NamedSharding(mesh, P())
+
+  def split(a):  # batch over data, height over space where it divides (small latents: whole)
+    h = "space" if a.shape[2] % space == 0 else None
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P("data", None, h)))
+
+  model = vidtok_jax.VidTok(model_cfg)
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                        vidtok_jax.abstract_params(model_cfg))
+  x = split(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+
+  def encode(p, x):
+    return model.apply({"params": p}, x, method=model.encode)[0]
+
+  def decode(p, z):
+    return model.apply({"params": p}, z, method=model.decode)
+
+  fn, arg = encode, x
+  if op == "decode":
+    fn, arg = decode, split(jax.eval_shape(encode, params, x))
+  jitted = jax.jit(fn, compiler_options=compiler_options(backend))
+  t0 = time.perf_counter()
+  lowered = jitted.lower(params, arg)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  rec = dict(op=op, devices=n, device_kind=devices[0].device_kind,
+             mesh={k: v for k, v in dict(data=rows, space=space).items() if v > 1} or {"data": 1},
+             shape=list(shape), clips_per_chip=shape[0] / rows, dtype=str(model_cfg.dtype),
+             precision=str(model_cfg.precision), lower_s=lower_s, compile_s=compile_s)
+  rec.update(report(compiled, chip))
+  if rec.get("roofline_s"):
+    rec["roofline_clips_per_s_per_chip"] = shape[0] / n / rec["roofline_s"]
   return rec
 
 

@@ -31,6 +31,10 @@ step time and the compiled collectives (`vidtok_jax.aot`); nothing runs. `--topo
 the same for this host's devices. With `--topology`, `--fit 17x128,17x256` finds for each
 topology (comma list) x `--fit_remats` the largest per-chip batch of those clips that fits
 (batches 1 and 2 compiled, the rest predicted linearly, the prediction confirmed by a compile).
+The train step is the official recipe's stage for the clip size (`--stage auto`: stage 2, the
+frozen encoder and decoder-only training, at 256^2 and above; stage 1 below). `--ops
+encode,decode` with `--topology` plans inference the same way (batch over `data`, height over
+`space`, as `Streamer(mesh=...)` shards it), with the roofline's clips/s per chip.
 
 `--dtype auto` is the training default: bf16 compute on GPU/TPU, float32 on CPU; `--precision`
 (auto: backend default with bf16, "highest" with float32; tf32, default, high, highest).
@@ -89,11 +93,12 @@ def reset_peak_rss():
 
 
 def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, frames: int,
-                 size: int, precision: str = "auto", lpips: bool = True):
-  """The repo's training config (`configs/vidtok.py`) of `variant` with the bench's overrides."""
+                 size: int, precision: str = "auto", lpips: bool = True, stage: int = 1):
+  """The repo's training config (`configs/vidtok.py`) of `variant` and `stage` with the bench's
+  overrides."""
   from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
 
-  cfg = get_config(variant.removeprefix("vidtok_"))
+  cfg = get_config(f"{variant.removeprefix('vidtok_')},stage={stage}")
   import vidtok_jax
 
   cfg.model = vidtok_jax.load_config(variant, **model_overrides)
@@ -103,6 +108,12 @@ def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, fr
     cfg.loss.perceptual_weight = 0.0
   cfg.data.global_batch_size, cfg.data.num_frames, cfg.data.size = batch, frames, size
   return cfg
+
+
+def resolve_stage(stage: str, size: int) -> int:
+  """`--stage auto`: the official recipe's stage for that frame size (stage 2, the frozen encoder
+  and decoder-only training, at 256^2 and above; stage 1 below)."""
+  return (2 if size >= 256 else 1) if stage == "auto" else int(stage)
 
 
 def lpips_abstract_params(net: str):
@@ -144,7 +155,7 @@ def build(op: str, a):
     from vidtok_jax import train
 
     cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h,
-                       a.precision, a.lpips)
+                       a.precision, a.lpips, resolve_stage(a.stage, h))
     params = random_params(vidtok_jax.abstract_params(cfg.model), seed=0)
     lp = random_lpips_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
     state = train.create_train_state(cfg, jax.random.key(0), params, lpips_params=lp)
@@ -345,7 +356,7 @@ def build_abstract(a):
 
   b, t, h, _ = a.shape
   cfg = train_config(a.config, {**a.overrides, "remat": a.remat}, a.dtype, b, t, h,
-                     a.precision, a.lpips)
+                     a.precision, a.lpips, resolve_stage(a.stage, h))
   lp = lpips_abstract_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
   state = jax.eval_shape(
       lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
@@ -361,8 +372,9 @@ def topology_main(a):
   from vidtok_jax import aot
   from vidtok_jax.precision import resolve_dtype
 
-  if a.op_list != ["train_step"] and not a.fit:
-    raise SystemExit("--topology compiles the train step: use --ops train_step")
+  bad = [op for op in a.op_list if op not in ("train_step", "encode", "decode")]
+  if bad and not a.fit:
+    raise SystemExit(f"--topology compiles train_step, encode and decode, not {', '.join(bad)}")
   records = []
   for topo in a.topology.split(","):
     if topo == "cpu":
@@ -374,7 +386,7 @@ def topology_main(a):
 
     def make_cfg(batch, t=a.shape[1], s=a.shape[2], remat=a.remat):
       cfg = train_config(a.config, {**a.overrides, "remat": remat}, dtype, batch, t, s,
-                         a.precision, a.lpips)
+                         a.precision, a.lpips, resolve_stage(a.stage, s))
       return aot.apply_mesh(cfg, sizes)
 
     if a.fit:
@@ -384,15 +396,27 @@ def topology_main(a):
           print(f"-- fit {topo} {clip} {dtype} remat={remat}", flush=True)
           row = aot.fit_batch(lambda b: make_cfg(b, t, s, remat), devices, backend, chip, t, s,
                               space=sizes["space"])
-          row.update(topology=topo, dtype=dtype, remat=remat, mesh=sizes)
+          row.update(topology=topo, dtype=dtype, remat=remat, mesh=sizes,
+                     stage=resolve_stage(a.stage, s))
           print("   " + json.dumps(row), flush=True)
           records.append(row)
       continue
-    print(f"== {a.config} train_step {'x'.join(map(str, a.shape))} {dtype} remat={a.remat} "
-          f"for {topo} ({len(devices)} devices, mesh {sizes})", flush=True)
+    for op in [o for o in a.op_list if o in ("encode", "decode")]:
+      model_cfg = inference_config(a, dtype, backend)
+      print(f"== {a.config} {op} {'x'.join(map(str, a.shape))} {dtype} for {topo} "
+            f"({len(devices)} devices, mesh {sizes})", flush=True)
+      rec = aot.plan_inference(model_cfg, op, devices, backend, chip, (*a.shape, 3), sizes)
+      rec.update(config=a.config, topology=topo, overrides=a.overrides)
+      print(plan_table(rec), flush=True)
+      records.append(rec)
+    if "train_step" not in a.op_list:
+      continue
+    stage = resolve_stage(a.stage, a.shape[2])
+    print(f"== {a.config} stage {stage} train_step {'x'.join(map(str, a.shape))} {dtype} "
+          f"remat={a.remat} for {topo} ({len(devices)} devices, mesh {sizes})", flush=True)
     rec = aot.plan_train_step(make_cfg(a.shape[0]), devices, backend, chip,
                               (*a.shape, 3))
-    rec.update(config=a.config, topology=topo, overrides=a.overrides)
+    rec.update(config=a.config, topology=topo, overrides=a.overrides, stage=stage)
     print(plan_table(rec), flush=True)
     records.append(rec)
   if a.json:
@@ -400,9 +424,21 @@ def topology_main(a):
   return records
 
 
+def inference_config(a, dtype: str, backend: str):
+  """The model config of `--topology` encode / decode plans: `--dtype`, with the precision
+  `--precision auto` resolves to for it (bf16: the backend default)."""
+  import vidtok_jax
+  from vidtok_jax.precision import resolve_precision
+
+  precision = resolve_precision(a.precision, dtype, a.overrides.get("precision", "highest"))
+  return vidtok_jax.load_config(a.config, **{**a.overrides, "dtype": dtype,
+                                             "precision": precision, "remat": "none"})
+
+
 def plan_table(r) -> str:
   m = r.get("memory_gib", {})
-  lines = [f"per chip ({r['device_kind']}, {r['clips_per_chip']:g} clip(s)/chip, mesh {r['mesh']}):",
+  lines = [f"per chip ({r['device_kind']}, {r['clips_per_chip']:g} clip(s)/chip, "
+           f"mesh {r['mesh']}):",
            f"  HBM needed {r.get('hbm_needed_gib', float('nan')):.2f} GiB"
            + (f" of {r['hbm_gib']:g} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'})"
               if "hbm_gib" in r else "")
@@ -412,6 +448,8 @@ def plan_table(r) -> str:
            + (f"; roofline {1e3 * r['roofline_s']:.0f} ms ({r['roofline_bound']}-bound)"
               if "roofline_s" in r else ""),
            f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s"]
+  if "roofline_clips_per_s_per_chip" in r:
+    lines.insert(-1, f"  roofline {r['roofline_clips_per_s_per_chip']:.1f} clips/s per chip")
   for op, c in sorted(r["collectives"].items()):
     lines.append(f"  {op:18s} x{c['count']:<4d} {c['bytes'] / 2**20:10.2f} MiB "
                  f"(largest {c['largest'] / 2**20:.2f} MiB)")
@@ -467,6 +505,9 @@ def parse_args(argv=None):
                  help="--topology: mesh axes, e.g. data=16,space=4 or data=4,fsdp=2,space=2 "
                       "(default: data over every device)")
   p.add_argument("--remat", default="none", choices=("none", "convs", "blocks"))
+  p.add_argument("--stage", default="auto", choices=("auto", "1", "2"),
+                 help="train_step: the training stage (2: frozen encoder, decoder-only); auto: "
+                      "the official recipe's, stage 2 at 256^2 and above, stage 1 below")
   p.add_argument("--grad", default="auto", choices=("auto", "program", "staged"),
                  help="fwd_bwd as one jitted program, or one program per stage "
                       "(vidtok_jax.staged_grad: faster and bounded memory on XLA:CPU); auto: "
@@ -535,7 +576,7 @@ def main(argv=None):
                   f"--config={a.config}", "--shape=" + ",".join(map(str, a.shape)),
                   f"--dtype={a.dtype}", f"--precision={a.precision}",
                   f"--{'' if a.lpips else 'no-'}lpips", f"--remat={a.remat}",
-                  f"--warmup={a.warmup}",
+                  f"--stage={a.stage}", f"--warmup={a.warmup}",
                   f"--repeats={a.repeats}", f"--grad={a.grad}",
                   f"--residual_budget_mib={a.residual_budget_mib}"] + [f"--set={s}" for s in a.set]
       if a.peak_tflops:
