@@ -21,6 +21,7 @@ from conftest import REPO, Ref, max_abs, ncthw_to_nthwc, nthwc_to_ncthw, random_
 
 import vidtok_jax
 from vidtok_jax.models.autoencoder import abstract_params
+from vidtok_jax.models.tiling import chunk_bounds
 from vidtok_jax.streaming import Streamer, _tile_starts, blend_weights, pad_frames, valid_length
 
 # Reference README: whole models atol=2e-4, rtol=1e-4 (float32 port vs float64 reference).
@@ -668,3 +669,45 @@ def test_progress_counts_real_frames_not_padding():
       b.update(k, 2)
       seen.append(bar.n)
   assert seen == [8, 16, 20, 20]
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Sampling with tiles: each tile draws its own noise (its key folds in its grid position), and
+#    the tiled draw is the per-tile formula mean + exp(logvar / 2) * N(key(seed, chunk, tile)).
+
+
+@pytest.mark.parametrize("name", ["vidtok_kl_causal_488_4chn_v1_1", "vidtok_kl_noncausal_488_4chn"])
+def test_tiles_draw_their_own_noise(name):
+  cfg, params = tiny(name, seed=6)
+  kw = dict(t_chunk_enc=8, window=8, tile=(16, 16), tile_overlap=0, seed=3)
+  mode, sampled = Streamer(cfg, params, **kw), Streamer(cfg, params, sample=True, **kw)
+  # The same content in both 16x16 tiles: any difference between the tiles' draws is the noise.
+  half = video(8 if not cfg.causal else 9, hw=16, seed=7)
+  x = np.concatenate([half, half], axis=3)  # (1, T, 16, 32, 3): tiles (0, 0) and (0, 1)
+  z0, _ = mode.encode(x)
+  z1, _ = sampled.encode(x)
+  noise = z1 - z0
+  left, right = noise[:, :, :, :2], noise[:, :, :, 2:]  # latent width 4: 2 per tile
+  np.testing.assert_array_equal(z0[:, :, :, :2], z0[:, :, :, 2:])  # same content, same mean
+  assert np.abs(left).max() > 1e-3 and np.abs(right).max() > 1e-3
+  assert np.abs(left - right).max() > 1e-3, "tiles drew the same noise"
+  # The per-tile formula, chunk (or window) by chunk: the model's own sampled encode of the
+  # tile's chunk (caches carried) under the tile's key fold_in(fold_in(key(seed), k), tile).
+  model, v = vidtok_jax.VidTok(cfg), {"params": params}
+  if cfg.causal:
+    spans = list(enumerate(chunk_bounds(half.shape[1], kw["t_chunk_enc"])))
+  else:
+    starts = range(0, half.shape[1], kw["window"])
+    spans = [(k, (s, s + kw["window"])) for k, s in enumerate(starts)]
+  for tile, zt in enumerate((z1[:, :, :, :2], z1[:, :, :, 2:])):
+    expect, state = [], None
+    for k, (s, e) in spans:
+      rngs = {"sample": jax.random.fold_in(jax.random.fold_in(jax.random.key(3), k), tile)}
+      xc = jnp.asarray(half[:, s:e])
+      if cfg.causal:
+        z, _, state = model.apply(v, xc, state, True, rngs=rngs,
+                                  method=vidtok_jax.VidTok.encode_chunk)
+      else:
+        z, _ = model.apply(v, xc, True, rngs=rngs, method=vidtok_jax.VidTok.encode)
+      expect.append(np.asarray(z))
+    assert_close(zt, np.concatenate(expect, axis=1))

@@ -28,8 +28,9 @@ always has exactly T frames.
 Large frames: `tile=(th, tw)` encodes and decodes overlapping spatial tiles (each streamed over
 time on its own) and blends them with linear ramps over `tile_overlap` pixels (FSQ latents are
 not blended but taken from the tile whose centre is nearest, so tokens stay valid). Tiles all
-have one shape; `tile_batch` of them run in one call (a vmapped program, each tile with the key
-it would have alone: equal up to float32 rounding), so memory grows with `tile_batch`. `mesh`
+have one shape; `tile_batch` of them run in one call (a vmapped program, each tile with its own
+sampling key, the one it has alone: equal up to float32 rounding), so memory grows with
+`tile_batch`. `mesh`
 shards each chunk's height over the mesh's devices instead (XLA exchanges the conv halos), which
 is exact.
 
@@ -135,8 +136,10 @@ class Streamer:
     tile_overlap: pixels shared by neighbouring tiles (a multiple of the spatial factor).
     tile_batch: tiles per call (memory grows with it; results do not change).
     mesh: a `jax.sharding.Mesh` with one axis: shards each chunk's height over its devices.
-    sample: KL models sample the latent (seeded per chunk from `seed`) as the official
-      forward does; default the posterior mode.
+    sample: KL models sample the latent as the official forward does (causal models per
+      chunk, non-causal ones per window; each spatial tile draws its own noise, its key
+      `fold_in(fold_in(key(seed), chunk), tile)` with `tile` its row-major grid position);
+      default the posterior mode.
   """
 
   def __init__(self, config, params, *, t_chunk_enc: int = 16, use_overlap: bool = True,
@@ -178,16 +181,16 @@ class Streamer:
     self.variables = {"params": params}
     model, sample = self.model, self.sample
 
-    def enc(v, x, st, seed_k):  # seed_k: uint32 (seed, chunk); the key is made on the device
-      key = jax.random.fold_in(jax.random.key(seed_k[0]), seed_k[1])
-      return model.apply(v, x, st, sample, 0, False, rngs={"sample": key},
+    def enc(v, x, st, seed_k):
+      return model.apply(v, x, st, sample, 0, False, rngs={"sample": _key(seed_k)},
                          method=VidTok.encode_chunk)
 
     def dec(v, z, st, ov, idx):
       return _clip(model.apply(v, z, st, ov, idx, method=VidTok.decode_chunk))
 
-    def enc_window(v, x):
-      return model.apply(v, x, compute_aux=False, method=VidTok.encode)
+    def enc_window(v, x, seed_k):
+      return model.apply(v, x, sample, compute_aux=False, rngs={"sample": _key(seed_k)},
+                         method=VidTok.encode)
 
     def dec_window(v, z, idx):
       return jnp.clip(model.apply(
@@ -195,11 +198,12 @@ class Streamer:
 
     # One program per chunk kind; a leading tile axis (vmapped) when tiles run together.
     # State is donated: a chunk's caches are dead once the next chunk's are computed.
-    self._enc = {n: jax.jit(jax.vmap(enc, (None, 0, 0, None)) if n else enc,
+    # Each tile has its own sampling key (`_seeds`): the vmapped seeds have a tile axis too.
+    self._enc = {n: jax.jit(jax.vmap(enc, (None, 0, 0, 0)) if n else enc,
                             donate_argnums=(2,)) for n in (False, True)}
     self._dec = {n: jax.jit(jax.vmap(dec, (None, 0, 0, None, None)) if n else dec,
                             static_argnums=(3, 4), donate_argnums=(2,)) for n in (False, True)}
-    self._enc_window = {n: jax.jit(jax.vmap(enc_window, (None, 0)) if n else enc_window)
+    self._enc_window = {n: jax.jit(jax.vmap(enc_window, (None, 0, 0)) if n else enc_window)
                         for n in (False, True)}
     self._dec_window = {n: jax.jit(jax.vmap(dec_window, (None, 0, None)) if n else dec_window,
                                    static_argnums=(2,)) for n in (False, True)}
@@ -220,17 +224,27 @@ class Streamer:
   # -- spatial tiles of one shape, `(n, B, T, h, w, C)`, n tiles per call ----------------------
   # Each loop dispatches chunk k+1 before it reads chunk k back (`_pipelined`).
 
-  def _encode_stream(self, x, bar):
-    """Causal: `(z, indices or None)` of host tiles `x` (n, B, T, h, w, 3), chunk by chunk."""
+  def _seeds(self, k: int, tiles):
+    """The uint32 words of the sampling key of chunk (or window) `k`: `(seed, k)` for a whole
+    frame; `(seed, k, tile)` per tile of `tiles` (grid positions), a row each when several run
+    together, so neighbouring tiles never draw the same noise and a tile's draw does not depend
+    on `tile_batch`. Built on the host, the key made on the device (one explicit upload)."""
+    if tiles is None:
+      return jax.device_put(np.array([self.seed, k], np.uint32))
+    rows = np.array([[self.seed, k, t] for t in tiles], np.uint32)
+    return jax.device_put(rows if len(tiles) > 1 else rows[0])
+
+  def _encode_stream(self, x, bar, tiles=None):
+    """Causal: `(z, indices or None)` of host tiles `x` (n, B, T, h, w, 3), chunk by chunk;
+    `tiles`: their grid positions (None: `x` is the whole frame)."""
     n = x.shape[0]
-    run, state, seed = self._enc[n > 1], None, np.uint32(self.seed)
+    run, state = self._enc[n > 1], None
 
     def calls():
       nonlocal state
       for k, (s, e) in enumerate(chunk_bounds(x.shape[2], self.t_chunk_enc)):
         chunk = x[:, :, s:e] if n > 1 else x[0, :, s:e]
-        z, aux, state = run(self.variables, self._put(chunk), state,
-                            jax.device_put(np.array([seed, k], np.uint32)))
+        z, aux, state = run(self.variables, self._put(chunk), state, self._seeds(k, tiles))
         yield (z, aux.get("indices")), e - s
 
     return _collect_latents(calls(), n, bar)
@@ -263,14 +277,14 @@ class Streamer:
       bar.update(frames, n)
     return out[:, :, :pos]
 
-  def _encode_windows(self, x, bar):
+  def _encode_windows(self, x, bar, tiles=None):
     n = x.shape[0]
     run = self._enc_window[n > 1]
 
     def calls():
-      for s in range(0, x.shape[2], self.window):
+      for k, s in enumerate(range(0, x.shape[2], self.window)):
         xc = x[:, :, s: s + self.window]
-        z, aux = run(self.variables, self._put(xc if n > 1 else xc[0]))
+        z, aux = run(self.variables, self._put(xc if n > 1 else xc[0]), self._seeds(k, tiles))
         yield (z, aux.get("indices")), min(self.window, x.shape[2] - s)
 
     return _collect_latents(calls(), n, bar)
@@ -356,7 +370,8 @@ class Streamer:
         tiles = [(i, j, h0, w0) for i, h0 in enumerate(hs) for j, w0 in enumerate(ws)]
         for group in self._tile_groups(tiles):
           zg, ig = run(np.stack([video[:, :, h0:h0 + th, w0:w0 + tw]
-                                 for _, _, h0, w0 in group]), bar)
+                                 for _, _, h0, w0 in group]), bar,
+                       [i * len(ws) + j for i, j, _, _ in group])
           for g, (i, j, h0, w0) in enumerate(group):
             zt, it = zg[g], (None if ig is None else ig[g])
             if z is None:
@@ -450,6 +465,13 @@ def _pipelined(calls):
     prev = cur
   if prev is not None:
     yield jax.device_get(prev[0]), prev[1]
+
+
+def _key(seed_k):
+  """The sampling key of `Streamer._seeds`' words: `fold_in(key(seed), chunk)`, then the tile's
+  grid position folded in when there is one (a static shape: 2 or 3 words)."""
+  key = jax.random.fold_in(jax.random.key(seed_k[0]), seed_k[1])
+  return key if seed_k.shape[0] == 2 else jax.random.fold_in(key, seed_k[2])
 
 
 def _clip(out):
