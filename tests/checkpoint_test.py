@@ -13,6 +13,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import random_params
 
@@ -409,3 +410,80 @@ def test_nonfinite_paths_ignores_integers():
   assert ckpt_lib.nonfinite_paths(tree) == ["a"]
   assert ckpt_lib.nonfinite_paths({"c": jax.numpy.array([0.0, np.nan], jax.numpy.bfloat16)}) \
       == ["c"]
+
+
+# ---------------------------------------------------------------- other read errors
+
+
+def fail_reads(monkeypatch, step, error, times=None):
+  """Orbax's state read of `step` raises `error` (the first `times` reads; None: always);
+  returns the list of attempts, one per read of that step."""
+  original, attempts = ocp.PyTreeCheckpointHandler.restore, []
+
+  def restore(self, directory, *args, **kwargs):
+    if directory.parent.name == str(step):
+      attempts.append(directory)
+      if times is None or len(attempts) <= times:
+        raise error
+    return original(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", restore)
+  monkeypatch.setattr(ckpt_lib, "RETRY_DELAYS_S", (0.01, 0.01))
+  return attempts
+
+
+def two_steps(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpts = Checkpoints(directory, async_save=False)
+  ckpts.save(1, tiny_state(1))
+  ckpts.save(2, tiny_state(2))
+  return directory, ckpts
+
+
+def test_transient_read_error_is_retried_and_the_step_kept(tmp_path, monkeypatch, caplog):
+  directory, ckpts = two_steps(tmp_path)
+  attempts = fail_reads(monkeypatch, 2, OSError(5, "Input/output error"), times=1)
+  with caplog.at_level(logging.WARNING):
+    restored, step = ckpts.restore(abstract_of(tiny_state()))
+  assert step == 2 and len(attempts) == 2
+  assert_bitwise(restored, tiny_state(2))
+  assert any("step 2" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
+  assert ckpts.all_steps() == [1, 2] and not (tmp_path / "checkpoints_corrupt").exists()
+  ckpts.close()
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied"),
+    RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes."),
+    ValueError("UNAVAILABLE: Error reading local file: connection reset")])
+def test_persistent_read_error_stops_and_moves_nothing(tmp_path, monkeypatch, error):
+  directory, ckpts = two_steps(tmp_path)
+  attempts = fail_reads(monkeypatch, 2, error)
+  with pytest.raises(ckpt_lib.CheckpointReadError,
+                     match=rf"cannot read checkpoint step 2 at {directory / '2'} \(3 attempts\)"
+                           rf": {type(error).__name__}.*nothing was moved") as e:
+    ckpts.restore(abstract_of(tiny_state()))
+  assert e.value.__cause__ is error and isinstance(e.value, CheckpointError)
+  assert len(attempts) == 3
+  assert ckpts.all_steps() == [1, 2] and (directory / "2" / "state").is_dir()
+  assert not (tmp_path / "checkpoints_corrupt").exists()
+  ckpts.close()
+
+
+def test_read_errors_are_classified():
+  shows = ckpt_lib._shows_corruption
+  tensorstore = "{}: Error reading \"x/.zarray\" in OCDBT database at local file \"/c/2/state/\""
+  for code, broken in (("NOT_FOUND", True), ("OUT_OF_RANGE", True), ("DATA_LOSS", True),
+                       ("PERMISSION_DENIED", False), ("UNAVAILABLE", False),
+                       ("RESOURCE_EXHAUSTED", False), ("DEADLINE_EXCEEDED", False)):
+    for metadata in (True, False):
+      assert shows(ValueError(tensorstore.format(code)), metadata) is broken, code
+  assert shows(FileNotFoundError("no _METADATA"), False)
+  assert not shows(PermissionError("denied"), True) and not shows(OSError(5, "EIO"), True)
+  assert not shows(MemoryError(), False)
+  assert shows(KeyError("tree_metadata"), metadata=True)  # valid JSON, not Orbax's metadata
+  assert shows(AttributeError("'list' object has no attribute 'get'"), metadata=True)
+  assert not shows(KeyError("tree_metadata"), metadata=False)
+  wrapped = RuntimeError("restore failed")
+  wrapped.__cause__ = ValueError("DATA_LOSS: Error decoding b-tree node")
+  assert shows(wrapped, False)

@@ -16,15 +16,26 @@ On disk, `<directory>/<step>/` holds three Orbax items:
   metrics  Orbax's own JSON of `metrics` (ranks the keep-best checkpoints, also after a restart).
 Retention keeps the last `keep_last` steps and the `keep_best` best by `best_metric`.
 
-A step folder that fails to restore (truncated, half-copied or corrupt files) is moved aside to
-`<directory>_corrupt/<step>-<unix time>` (never deleted) and the previous step is tried. Orbax
-writes into `<step>.orbax-checkpoint-tmp` and renames it when complete, so an interrupted save
-leaves only that tmp folder: never listed as a step, and replaced by the next save of the step.
+Restoring the latest step (`restore()` without a step) tells two kinds of failure apart:
+- the step is shown to be broken (unreadable or invalid metadata, a missing or truncated file,
+  data that does not decode): it is moved aside to `<directory>_corrupt/<step>-<unix time>`
+  (never deleted), with a warning, and the previous step is tried;
+- anything else (permission, I/O or network errors, out of memory): the read is retried
+  (`RETRY_DELAYS_S`); if it still fails, `CheckpointReadError` names the step and path, and
+  nothing is moved.
+With several processes every one must call `restore` (it is collective): each reads the step,
+the verdicts are gathered (`multihost_utils.process_allgather`) and all take the same decision,
+so all restore the same step, or all move the same broken step aside, or all raise.
+Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it when complete, so an interrupted
+save leaves only that tmp folder: never listed as a step, and replaced by the next save of it.
+No checksum of the array data is written (Orbax's zarr2 format has none); a truncated or
+undecodable chunk is detected by the read itself.
 """
 
 import json
 import logging
 import os
+import re
 import time
 from typing import Optional
 
@@ -41,6 +52,9 @@ log = logging.getLogger(__name__)
 FORMAT = "vidtok_jax.train.checkpoint/1"
 STATE, META = "state", "meta"  # item names inside a step folder
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+# Waits (seconds) before the 2nd, 3rd... read of a step whose read failed for a reason that does
+# not show it is broken (a transient I/O or network error, memory still held by a failed read).
+RETRY_DELAYS_S = (0.5, 2.0)
 
 
 class CheckpointError(ValueError):
@@ -49,6 +63,11 @@ class CheckpointError(ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
   """A checkpoint path that does not exist (both a ValueError and a FileNotFoundError)."""
+
+
+class CheckpointReadError(CheckpointError):
+  """A checkpoint step that could not be read, for a reason that does not show it is broken
+  (permission, I/O, network, out of memory), also after retries. Nothing was moved."""
 
 
 class NonFiniteStateError(CheckpointError):
@@ -135,6 +154,8 @@ class Checkpoints:
       background (`wait_until_finished` blocks on it).
     config: optional full config; its variant, stage and model config go into each step's meta.
     read_only: never create, write or move anything (a corrupt step is only skipped).
+
+  With several JAX processes, `save`, `restore`, `restore_raw` and `close` must be called by all.
   """
 
   def __init__(self, directory, *, keep_last: int = 3, keep_best: int = 1,
@@ -148,7 +169,6 @@ class Checkpoints:
     self.best_metric = best_metric
     self.read_only = read_only
     self._config = config
-    self._n_moved = 0  # barrier keys must be unique per use
     key = _metric_key(best_metric, best_mode)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep_last),
@@ -164,6 +184,10 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+    # Restores read the state item with the handler itself: `CheckpointManager.restore` ends in
+    # a barrier, which a process whose read failed never reaches (the others would hang there).
+    # `_restore_item` gathers every process's outcome instead.
+    self._reader = ocp.PyTreeCheckpointHandler()
 
   # ------------------------------------------------------------------ queries
 
@@ -189,6 +213,7 @@ class Checkpoints:
 
   def close(self):
     self._manager.close()
+    self._reader.close()
 
   def __enter__(self):
     return self
@@ -243,10 +268,13 @@ class Checkpoints:
     `abstract_state`: a `TrainState` of `jax.ShapeDtypeStruct` (e.g. `jax.eval_shape` +
     `mesh.state_shardings`) or of arrays; each leaf is restored with its `.sharding` (the first
     local device when it has none). `lpips_params` is ignored and None in the result.
-    `step` None: the latest step that restores; a broken one is logged, moved aside (unless
-    `read_only`) and the previous step tried. None when there is no checkpoint at all. An
+    `step` None: the latest step that restores; one shown to be broken (bad metadata, missing
+    or truncated files) is logged, moved aside (unless `read_only`) and the previous step
+    tried. None when there is no checkpoint at all. A read failing otherwise (permission, I/O,
+    out of memory) is retried, then raises `CheckpointReadError` with nothing moved. An
     explicit `step` that is missing or broken raises `CheckpointError`. A target whose keys or
     shapes differ from a checkpoint raises `CheckpointError` (never treated as corruption).
+    Collective with several processes (all call it; all restore the same step or all raise).
     """
     target = _strip_lpips(abstract_state)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -281,32 +309,92 @@ class Checkpoints:
     `make_args()`: the item's restore args; `wanted`: {path: "shape dtype"} the stored leaves
     must match (None: no check). `select`, when given, maps the stored metadata tree to
     `(wanted, args)` instead (a partial restore shaped by what is on disk).
+
+    Each round, every process reads its candidate step and the (step, outcome) pairs of all
+    processes are gathered; the decision below depends on the gathered pairs only, so it is the
+    same everywhere and the processes stay in step (same collectives, same result).
     """
     self._manager.wait_until_finished()  # an async save in flight is not a broken step
-    if step is not None:
-      if step not in self.all_steps():
-        raise CheckpointError(f"no checkpoint step {step} in {self.directory} (steps: "
-                              f"{self.all_steps() or 'none'})")
+    skipped = set()  # read-only: broken steps passed over (not moved)
+    while True:
+      steps = self.all_steps()
+      if step is not None:
+        candidate = step
+      else:
+        candidate = next((s for s in reversed(steps) if s not in skipped), -1)
+      if candidate == -1:
+        outcome, value = _OK, None
+      elif candidate not in steps:
+        outcome, value = _FAILED, CheckpointError(
+            f"no checkpoint step {candidate} in {self.directory} (steps: {steps or 'none'})")
+      else:
+        outcome, value = self._read_step(candidate, make_args, wanted, what, select)
+      verdicts = _gather(candidate, outcome)
+      if len({s for s, _ in verdicts}) > 1:
+        raise CheckpointError(f"processes disagree on the checkpoint step to restore in "
+                              f"{self.directory}: " + ", ".join(
+                                  f"process {i}: {s if s >= 0 else 'none'}"
+                                  for i, (s, _) in enumerate(verdicts)))
+      if candidate == -1:
+        return None
+      path = self.step_path(candidate)
+      failed = [i for i, (_, o) in enumerate(verdicts) if o == _FAILED]
+      broken = [i for i, (_, o) in enumerate(verdicts) if o == _BROKEN]
+      if failed:  # a persistent error that is not corruption (or a wrong target): all stop
+        if outcome == _FAILED:
+          raise value
+        raise CheckpointReadError(
+            f"checkpoint step {candidate} at {path} could not be read by process(es) "
+            f"{', '.join(map(str, failed))} (their logs give the error); nothing was moved")
+      if broken:
+        cause = _short(value) if outcome == _BROKEN else (
+            f"broken as read by process(es) {', '.join(map(str, broken))}")
+        if step is not None:
+          raise CheckpointError(f"checkpoint step {candidate} at {path} is broken: {cause}") \
+              from (value if outcome == _BROKEN else None)
+        self._quarantine(candidate, cause)
+        skipped.add(candidate)
+        continue
+      return value, candidate
+
+  def _read_step(self, step, make_args, wanted, what, select):
+    """(outcome, value): (_OK, restored item), (_BROKEN, the error showing it) or (_FAILED, the
+    error to raise). Failures that do not show corruption are retried (`RETRY_DELAYS_S`)."""
+    path = self.step_path(step)
+    attempts = len(RETRY_DELAYS_S) + 1
+    for attempt in range(attempts):
       try:
-        return self._restore_step(step, make_args, wanted, what, select), step
+        return _OK, self._restore_step(step, make_args, wanted, what, select)
       except _Broken as e:
-        raise CheckpointError(f"checkpoint step {step} at {self.step_path(step)} is broken: "
-                              f"{_short(e.__cause__)}") from e.__cause__
-    for step in reversed(self.all_steps()):
-      try:
-        return self._restore_step(step, make_args, wanted, what, select), step
-      except _Broken as e:
-        self._quarantine(step, e.__cause__)
-    return None
+        return _BROKEN, e.__cause__
+      except CheckpointError as e:  # a wrong target: the same on every try
+        return _FAILED, e
+      except Exception as e:  # noqa: BLE001 -- anything else: retried, then reported as is
+        if attempt + 1 == attempts:
+          log.error("checkpoint step %d at %s: read failed %d times, last: %s", step, path,
+                    attempts, _short(e))
+          error = CheckpointReadError(
+              f"cannot read checkpoint step {step} at {path} ({attempts} attempts): "
+              f"{_short(e)}; nothing was moved (this error does not show that the step is "
+              "broken: fix the cause and rerun)")
+          error.__cause__ = e
+          return _FAILED, error
+        log.warning("reading checkpoint step %d at %s failed (%s); retrying in %.1f s", step,
+                    path, _short(e), RETRY_DELAYS_S[attempt])
+      time.sleep(RETRY_DELAYS_S[attempt])  # outside `except`: a failed read's buffers are freed
 
   def _restore_step(self, step, make_args, wanted, what, select):
+    """The restored state item; raises `_Broken` (cause chained) only for errors showing the
+    step's files are broken, and other errors as they are."""
     path = self.step_path(step)
     try:
-      stored = self._manager.item_metadata(step)[STATE]
+      stored = self._reader.metadata(path / STATE)
       if stored is None:
         raise FileNotFoundError(f"no {STATE!r} item metadata in {path}")
-    except Exception as e:  # unreadable metadata: a broken step
-      raise _Broken() from e
+    except Exception as e:
+      if _shows_corruption(e, metadata=True):
+        raise _Broken() from e
+      raise
     if select is not None:
       wanted, args = select(stored)
     else:
@@ -318,27 +406,76 @@ class Checkpoints:
       if problem:
         raise CheckpointError(problem)
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+      return self._reader.restore(path / STATE, args=args)
     except Exception as e:
-      raise _Broken() from e
+      if _shows_corruption(e, metadata=False):
+        raise _Broken() from e
+      raise
 
-  def _quarantine(self, step, error):
-    """Moves a step folder that failed to restore aside (kept for inspection) and forgets it."""
+  def _quarantine(self, step, reason: str):
+    """Moves a broken step folder aside (kept for inspection) and forgets it. Called by every
+    process with the same step; process 0 moves it, and all learn whether that worked."""
     path = self.step_path(step)
-    error = _short(error)
     if self.read_only:
-      log.warning("checkpoint step %d at %s failed to restore, skipping it: %s", step, path, error)
+      log.warning("checkpoint step %d at %s is broken, skipping it: %s", step, path, reason)
       return
     aside = (self.directory.parent / f"{self.directory.name}_corrupt"
              / f"{step}-{int(time.time())}")
     log.warning("checkpoint step %d at %s failed to restore (%s); moving it to %s and trying "
-                "the previous step", step, path, error, aside)
+                "the previous step", step, path, reason, aside)
+    error = None
     if jax.process_index() == 0:
-      aside.parent.mkdir(parents=True, exist_ok=True)
-      path.rename(aside)
-    self._n_moved += 1
-    ocp.multihost.sync_global_processes(f"vidtok_checkpoint_moved_{self._n_moved}")
+      try:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(aside)
+      except Exception as e:  # noqa: BLE001 -- reported on every process below
+        error = e
+    # Also the barrier: nobody lists the steps again before the move is done.
+    moved = _gather(step, _OK if error is None else _FAILED)[0][1] == _OK
+    if not moved:
+      raise CheckpointError(f"checkpoint step {step} at {path} is broken ({reason}), and moving "
+                            f"it to {aside} failed" + (f": {_short(error)}" if error else
+                                                       " on process 0"))
     self._manager.reload()
+
+
+_OK, _BROKEN, _FAILED = 0, 1, 2  # outcomes of reading a step
+
+# Status codes that tensorstore / XLA errors start with; these three mean that data the step's
+# metadata points to is absent, shorter than recorded, or does not decode.
+_STATUS = re.compile(r"\b(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|"
+                     r"ALREADY_EXISTS|PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|"
+                     r"ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|"
+                     r"UNAUTHENTICATED): ")
+_CORRUPT_STATUS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+
+
+def _shows_corruption(error: BaseException, metadata: bool) -> bool:
+  """Whether `error`, raised reading a step's metadata (`metadata`) or arrays, shows the step's
+  files are broken; other errors (permission, I/O, network, memory) say nothing about them."""
+  if isinstance(error, FileNotFoundError):
+    return True  # a file of the step is missing
+  if isinstance(error, (OSError, MemoryError)):
+    return False
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+    return True
+  status = _STATUS.search(str(error))
+  if status:
+    return status.group(1) in _CORRUPT_STATUS
+  if error.__cause__ is not None and error.__cause__ is not error:
+    return _shows_corruption(error.__cause__, metadata)
+  # Metadata that reads but is not what Orbax wrote (wrong keys or types) is broken.
+  return metadata and isinstance(error, (AttributeError, KeyError, TypeError, ValueError))
+
+
+def _gather(step: int, outcome: int) -> list:
+  """[(step, outcome)] of every process (one collective; just this process's when alone)."""
+  if jax.process_count() == 1:
+    return [(int(step), int(outcome))]
+  from jax.experimental import multihost_utils
+
+  rows = multihost_utils.process_allgather(np.array([step, outcome], np.int32))
+  return [(int(s), int(o)) for s, o in np.asarray(rows).reshape(-1, 2)]
 
 
 def _short(error, limit: int = 400) -> str:
@@ -543,5 +680,5 @@ def _hub_params(spec, config, use_ema):
   return pretrained.load_params(pretrained.download(full), mc)
 
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "Checkpoints", "NonFiniteStateError",
-           "load_init_params", "nonfinite_paths"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointReadError", "Checkpoints",
+           "NonFiniteStateError", "load_init_params", "nonfinite_paths"]
