@@ -1,0 +1,78 @@
+"""The planner's traffic meter (`vidtok_jax.planning.traffic`): bytes per op from compiled HLO,
+grouped by model part, tile padding, and the before / after comparison."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vidtok_jax.planning import traffic
+
+
+class Toy(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), name="conv")(x)
+    x = nn.GroupNorm(2, name="norm")(x)
+    return nn.silu(x).sum()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  m = Toy()
+  x = jnp.ones((2, 16, 16, 3))
+  p = m.init(jax.random.key(0), x)
+  return jax.jit(jax.grad(lambda p, x: m.apply(p, x))).lower(p, x).compile()
+
+
+def test_bytes_add_up_to_xla_total_and_groups_name_modules(compiled):
+  r = traffic.report(compiled.as_text())
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # Charged like XLA's cost model (operands + outputs of each executed op): the same total.
+  assert r["bytes"] == pytest.approx(cost["bytes accessed"], rel=0.02)
+  groups = {g["group"]: g for g in r["groups"]}
+  # The top module is the autodiff wrapper's argument (`jvp(Toy)`): groups start below it.
+  assert {"conv", "norm", "bwd conv", "bwd norm"} <= set(groups)
+  # The conv's input-gradient / weight-gradient ops are backward ones.
+  assert groups["bwd conv"]["bytes"] > 0 and groups["conv"]["bytes"] > 0
+  assert sum(g["bytes"] for g in r["groups"]) == r["bytes"]
+  assert r["top"][0]["padded"] >= r["top"][-1]["padded"]
+  assert "convolution" in r["opcodes"]
+
+
+def test_tile_padding():
+  # bf16[1,17,128,128,3] in T(8,128): the minor dim 3 pads to 128, 128 stays: 42.7x.
+  lo, pa = traffic.shape_bytes("bf16[1,17,128,128,3]{4,3,2,1,0:T(8,128)(2,1)}")
+  assert lo == 2 * 17 * 128 * 128 * 3 and pa == 2 * 17 * 128 * 128 * 128
+  # Layout order matters: minor-to-major {3,4,...}: dim 3 is most minor.
+  lo, pa = traffic.shape_bytes("f32[2,5,7,9,3]{3,4,2,1,0:T(8,128)}")
+  assert lo == 4 * 2 * 5 * 7 * 9 * 3 and pa == 4 * 2 * 5 * 7 * 128 * 8
+  assert traffic.shape_bytes("(f32[4]{0}, s8[3]{0})") == (19, 19)
+
+
+def test_model_part():
+  name = "jit(train_step)/transpose(jvp(VidTok))/decoder/up_1/block_0/conv1/conv_general_dilated"
+  assert traffic.model_part(name) == "bwd decoder/up_1"
+  assert traffic.model_part(name, depth=3) == "bwd decoder/up_1/block_0"
+  assert traffic.model_part("jit(f)/jvp(VidTok)/encoder/conv_in/add") == "encoder/conv_in"
+  assert traffic.model_part("") == "(unnamed)"
+
+
+def test_compare_cli(compiled, tmp_path, capsys):
+  r = traffic.report(compiled.as_text())
+  before, after = tmp_path / "a.json", tmp_path / "b.json"
+  before.write_text(json.dumps([{"op": "x"}, {"traffic": r}]))
+  half = json.loads(json.dumps(r))
+  for g in half["groups"]:
+    g["padded"] //= 2
+  half["padded"] = sum(g["padded"] for g in half["groups"])
+  after.write_text(json.dumps({"traffic": half}))
+  assert traffic.main(["compare", str(before), str(after)]) == 0
+  out = capsys.readouterr().out
+  assert "bwd conv" in out and "total (0.50x)" in out
+  (tmp_path / "c.json").write_text("{}")
+  with pytest.raises(SystemExit, match="no plan record"):
+    traffic.main(["compare", str(before), str(tmp_path / "c.json")])

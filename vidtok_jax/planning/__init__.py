@@ -1,0 +1,1 @@
+"""Ahead-of-time plans for TPU and GPU programs: per-chip memory, cost and memory traffic."""
