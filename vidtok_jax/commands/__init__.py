@@ -111,12 +111,50 @@ def guard(main):
   return guarded
 
 
-def run(module_name: str, main):
-  """`absl.app.run(main)` for the command defined in `module_name` (see the module doc)."""
+def exit_now_on_failure(main, when):
+  """`main` that, when `when()` is true at the time of a failure (an exception, or a non-zero
+  `sys.exit`), logs the error, flushes the logs and ends the process with `os._exit` (status 1,
+  or the `sys.exit` code): no atexit handlers, no joining of threads. For multi-process runs,
+  whose normal exit waits for every peer (`jax.distributed.shutdown`) while the peers may wait in
+  a collective for this process."""
+  import logging
+  import traceback
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except BaseException as e:  # pylint: disable=broad-except
+      if not when():
+        raise
+      if isinstance(e, SystemExit):
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 0:
+          raise
+      else:
+        code = 1
+        logging.error("%s", "".join(traceback.format_exception(e)).rstrip())
+      logging.error("exiting with status %d without waiting for the other processes", code)
+      for h in logging.getLogger().handlers + [sys.stdout, sys.stderr]:
+        try:
+          h.flush()
+        except Exception:  # pylint: disable=broad-except  (a closed stream: nothing to flush)
+          pass
+      os._exit(code)
+
+  return wrapped
+
+
+def run(module_name: str, main, hard_exit_when=None):
+  """`absl.app.run(main)` for the command defined in `module_name` (see the module doc).
+  `hard_exit_when`: optional callable; a failure while it returns true ends the process at once
+  (`exit_now_on_failure`)."""
   from absl import app
 
   _prepare(module_name)
-  app.run(guard(main), argv=resolve_config_arg(sys.argv))
+  guarded = guard(main)
+  if hard_exit_when is not None:
+    guarded = exit_now_on_failure(guarded, hard_exit_when)
+  app.run(guarded, argv=resolve_config_arg(sys.argv))
 
 
 def check_positive(**values):

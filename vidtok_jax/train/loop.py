@@ -41,6 +41,9 @@ from vidtok_jax.train import validation
 log = logging.getLogger("vidtok_jax.train")
 
 BEST_METRIC = "val/psnr"
+# How long a process that has its train step waits for the others to compile theirs: generous,
+# a full-size step compiles for minutes on a busy host.
+STEP_READY_TIMEOUT_S = 3600
 # Metrics written as interval means; the rest (counters, flags) as their latest value.
 _LATEST = ("step", "skipped", "nonfinite_streak", "disc_factor", "disc_factor_d")
 
@@ -71,14 +74,16 @@ def validate_config(config) -> None:
 class _PreemptionFlag:
   """SIGTERM sets a flag (the loop saves and returns at the next step boundary) instead of
   killing the process mid-step. Single-process only: with several processes all hosts must
-  agree on the step, which `CheckpointManager.reached_preemption` (JAX's preemption sync) does."""
+  agree on the step, which `CheckpointManager.reached_preemption` (JAX's preemption sync) does:
+  `jax.distributed.initialize` installs its own SIGTERM handler (the preemption notifier) that a
+  Python handler would replace, so none is installed then."""
 
   def __init__(self):
     self.set = False
     self._old = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -305,12 +310,21 @@ def _train(config, workdir: str, cache_path, progress: dict):
   with compile_cache.Watch() as watch:
     step_fn = step_fn.lower(state, batch).compile()
   dt = time.monotonic() - t0
-  log.info({"cache": "train step loaded from the compilation cache in %.1f s (not compiled "
-                     "again)",
-            "compiled": "compiled the train step in %.1f s (now in the compilation cache)",
-            "uncached": "compiled the train step in %.1f s"}[watch.source], dt)
+  who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+  log.info(who + {"cache": "train step loaded from the compilation cache in %.1f s (not compiled "
+                           "again)",
+                  "compiled": "compiled the train step in %.1f s (now in the compilation cache)",
+                  "uncached": "compiled the train step in %.1f s"}[watch.source], dt)
   writer.write_scalars(start, {"perf/compile_seconds": dt,
                                "perf/compile_cache_hit": float(watch.source == "cache")})
+  if jax.process_count() > 1:
+    # The first step's collectives must not start while a peer still compiles: a process that
+    # loaded its step from the cache would otherwise wait there alone and fail (gloo gives up
+    # after 30 s). A peer that dies meanwhile ends the waiting processes too (the coordination
+    # service, within train.py's heartbeat timeout).
+    waited = compile_cache.barrier(f"vidtok_train_step_ready_{start}", STEP_READY_TIMEOUT_S)
+    log.info("%sall %d processes have the train step (waited %.1f s)", who,
+             jax.process_count(), waited)
 
   eval_set = (validation.load_eval_set(config, config.eval_clips) if _validation_on(config)
               else None)
