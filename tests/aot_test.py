@@ -5,17 +5,25 @@ needs libtpu: this interpreter's, or the `.venv-tpu` beside the repository that 
 (part of `make test`) creates. Without either it is skipped, except under CI, where it must run.
 """
 
+import collections
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import hlo_forms
+import jax
 import pytest
 
 from vidtok_jax import aot, bench
+from vidtok_jax.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# libtpu locks /tmp/libtpu_lockfile: let a background --topology compile run beside the tests
+TPU_ENV = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 TINY = ["--config=vidtok_kl_causal_488_4chn", "--ops=train_step", "--set=ch=4",
         "--set=num_res_blocks=1", "--set=ch_mult=[1,2,2]", "--no-lpips", "--dtype=bfloat16"]
 
@@ -118,17 +126,17 @@ def _tpu_python():
     return str(venv) if venv.exists() else None
 
 
-@pytest.mark.skipif(_tpu_python() is None and not os.environ.get("CI"),
-                    reason="no libtpu (make install-tpu, or pip install -e .[tpu])")
+needs_libtpu = pytest.mark.skipif(_tpu_python() is None and not os.environ.get("CI"),
+                                  reason="no libtpu (make install-tpu, or pip install -e .[tpu])")
+
+
+@needs_libtpu
 def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
   out = tmp_path / "tpu.json"
-  # libtpu locks /tmp/libtpu_lockfile: let a background --topology compile run beside the test
-  env = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
-             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.bench", *TINY, "--topology=v5e:2x2",
                       "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}",
                       "--ops=encode,train_step"],
-                     capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
+                     capture_output=True, text=True, timeout=1500, cwd=REPO, env=TPU_ENV)
   assert p.returncode == 0, p.stderr[-4000:]
   enc, rec = json.loads(out.read_text())
   # encode: the batch over data, the height over space (as the streamer shards it)
@@ -136,8 +144,74 @@ def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
   assert enc["mesh"] == {"data": 2, "space": 2}
   assert enc["roofline_clips_per_s_per_chip"] > 0 and enc["fits"]
   assert rec["device_kind"].startswith("TPU v5") and rec["devices"] == 4
+  assert rec["platform"] == enc["platform"] == "tpu"
   assert rec["mesh"] == {"data": 2, "space": 2} and rec["clips_per_chip"] == 1
   assert rec["chip"] == "v5e" and rec["fits"] and 0 < rec["hbm_needed_gib"] < 16
   assert rec["tflop"] > 0 and rec["gb_accessed"] > 0 and rec["roofline_s"] > 0
   assert rec["collectives"]["collective-permute"]["count"] > 0  # conv halos over "space"
   assert "HBM needed" in p.stdout
+
+
+@needs_libtpu
+def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
+  """The train step and encode / decode lowered on this CPU host for `v5e:2x2` (no compile:
+  `tests/hlo_forms.py` under libtpu) hold one convolution per conv kernel of more than one tap,
+  in the recorded dtype and precision, and none of the CPU-only forms; meshes are checked
+  against the topology's hosts."""
+  out = tmp_path / "forms.json"
+  p = subprocess.run([_tpu_python(), str(REPO / "tests" / "hlo_forms.py"), str(out)],
+                     capture_output=True, text=True, timeout=900, cwd=REPO, env=TPU_ENV)
+  assert p.returncode == 0, p.stderr[-4000:]
+  r = json.loads(out.read_text())
+  kernels = {part: collections.Counter({tuple(k): n for k, n in rows})
+             for part, rows in r["kernels"].items()}
+  assert kernels["decoder"][(3, 3, 3, 96, 3)] == 1  # conv_out: conv_by_taps on CPU
+  step = r["train_step"]
+  # "auto" resolved for the TPU, in the record and in the program alike
+  assert step["rec"]["platform"] == "tpu" and step["rec"]["mesh"] == {"data": 2, "space": 2}
+  assert (step["rec"]["dtype"], step["rec"]["precision"]) == ("bfloat16", "default")
+  assert step["config_unchanged"]
+  assert step["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
+  bf16_convs = collections.Counter(tuple(c[0]) for c in step["convs"] if c[1] == "bf16")
+  assert not (kernels["encoder"] + kernels["decoder"]) - bf16_convs  # each kernel: a conv
+  assert all(set(c[2]) == {"DEFAULT"} for c in step["convs"])
+  assert step["dots"] and all(set(d[1]) == {"DEFAULT"} for d in step["dots"])
+  for op, part in (("encode", "encoder"), ("decode", "decoder")):
+    rec = r[op]["rec"]
+    assert (rec["platform"], rec["dtype"], rec["precision"]) == ("tpu", "bfloat16", "default")
+    assert r[op]["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
+    assert collections.Counter(tuple(c[0]) for c in r[op]["convs"]) == kernels[part]
+    assert all(c[1] == "bf16" for c in r[op]["convs"])
+  assert r["v5p_hosts"] == [4] * 16 and r["v5p_space4"] == "ok"
+  assert "must divide the 4 devices of each host" in r["v5p_space8"]
+
+
+def test_lowering_leaves_the_callers_config_as_it_was():
+  """`lower_train_step` (and so `plan_train_step`) works on a copy: the caller's global batch
+  stays; on this host's CPU "auto" is float32 with exact convs and the CPU forms."""
+  cfg = hlo_forms.tiny_train_config("auto")
+  before = cfg.to_dict()
+  lowered, rec = aot.lower_train_step(cfg, jax.devices()[:1], shape=(1, 9, 32, 32, 3))
+  assert cfg.to_dict() == before and cfg.data.global_batch_size == 2
+  assert rec["shape"] == [1, 9, 32, 32, 3] and rec["platform"] == jax.default_backend()
+  if jax.default_backend() == "cpu":
+    assert (rec["dtype"], rec["precision"]) == ("float32", "highest")
+    text = lowered.as_text(debug_info=True)
+    assert hlo_forms.cpu_only_forms(text)["conv_by_taps"] > 0  # the CPU program's own forms
+    assert all(c["rhs"][1] == "f32" for c in hlo_forms.ops(text, "convolution"))
+
+
+def test_mesh_is_checked_against_the_target_devices():
+  """A space group must stay inside one host of the target (a v5p:4x4x4 slice: 16 hosts of 4
+  chips), whatever this host has; a device count means this run's own devices."""
+  cfg = hlo_forms.tiny_train_config("bfloat16")
+  cfg.data.size, cfg.data.global_batch_size = 128, 16
+  v5p = [SimpleNamespace(id=i, process_index=i // 4, platform="tpu") for i in range(64)]
+  cfg.train.mesh.space = 4
+  mesh_lib.check_mesh_config(cfg, v5p)
+  cfg.train.mesh.space = 8
+  with pytest.raises(ValueError, match="must divide the 4 devices of each host"):
+    mesh_lib.check_mesh_config(cfg, v5p)
+  if jax.process_count() == 1:
+    mesh_lib.check_mesh_config(cfg, 64)  # one process: no host to span
+  assert mesh_lib.platform_of(v5p) == "tpu" and mesh_lib.host_device_counts(v5p)[15] == 4

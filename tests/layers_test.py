@@ -166,3 +166,38 @@ def test_few_output_convs_run_by_taps_with_the_same_values_and_gradients(dtype, 
   assert gx.dtype == dtype and gk.dtype == dtype
   for g, r in ((gx, rx), (gk, rk)):
     assert max_abs(g.astype(jnp.float32), r) <= tol * float(jnp.max(jnp.abs(r)))
+
+
+@pytest.mark.parametrize("how", ["host", "cpu", "tpu", "gpu", "tpu_argument"])
+def test_conv_forms_follow_the_platform_lowered_for(how):
+  """`conv_by_taps` and `tie_to` (`early_weight_grad`) are CPU forms: chosen for the platform
+  the program is lowered for (`lowering_platform`, or `platform=`), not for this host; elsewhere
+  each conv is a convolution (forward, input and kernel gradients)."""
+  from hlo_forms import cpu_only_forms, ops
+
+  x = jax.ShapeDtypeStruct((1, 5, 8, 8, 96), jnp.float32)
+  k_out = jax.ShapeDtypeStruct((3, 3, 3, 96, 3), jnp.float32)  # the decoder's conv_out shape
+  k_mid = jax.ShapeDtypeStruct((3, 3, 3, 96, 96), jnp.float32)
+  platform = how.removesuffix("_argument")
+
+  def grads(x, k_out, k_mid):
+    def loss(x, k_out, k_mid):
+      arg = dict(platform=platform) if how.endswith("_argument") else {}
+      y = layers.conv3d(x, k_mid, padding=((2, 0), (1, 1), (1, 1)), **arg)
+      return jnp.sum(layers.conv3d(y, k_out, **arg) ** 2)
+
+    if how in ("host", "tpu_argument"):
+      return jax.grad(loss, (0, 1, 2))(x, k_out, k_mid)
+    with layers.lowering_platform(platform):
+      return jax.grad(loss, (0, 1, 2))(x, k_out, k_mid)
+
+  text = jax.jit(grads).lower(x, k_out, k_mid).as_text(debug_info=True)
+  forms, convs = cpu_only_forms(text), ops(text, "convolution")
+  cpu = how == "cpu" or (how == "host" and jax.default_backend() == "cpu")
+  if cpu:  # conv_out by taps (its matmuls), both backward passes tied
+    assert forms["conv_by_taps"] > 0 and forms["tie_to"] > 0
+    assert len(convs) == 3 and all(c["rhs"][0] != k_out.shape for c in convs)
+  else:
+    assert forms == {"conv_by_taps": 0, "tie_to": 0}
+    assert len(convs) == 6 and not ops(text, "dot_general")
+    assert sum(c["rhs"][0] == k_out.shape for c in convs) >= 1  # conv_out: a convolution

@@ -1,13 +1,14 @@
-"""Precision by backend: `config.train.dtype="auto"`, and the bf16 step's convs at the backend's
-default precision (never HIGHEST) with float32 params, optimizer state and statistics."""
+"""Precision by backend: `config.train.dtype="auto"`, the bf16 step's convs and dots at the
+backend's default precision (never HIGHEST) with float32 params, optimizer state and statistics,
+and every model conv and dot at the model's precision."""
 
 import importlib.util
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from hlo_forms import TINY, cpu_only_forms, ops
 
 import vidtok_jax
 from vidtok_jax import train
@@ -62,30 +63,55 @@ def test_bad_values_name_the_field():
     resolve_precision("fast", "float32")
 
 
-def _conv_precisions(cfg):
-  """The precision attribute of every convolution in the lowered train step (StableHLO)."""
+def _lowered_step(cfg):
+  """The lowered train step's convolutions and dots (`hlo_forms.ops`) and the state."""
   params = vidtok_jax.abstract_params(train.model_config(cfg))
   state = jax.eval_shape(lambda p: train.create_train_state(cfg, jax.random.PRNGKey(0), p),
                          params)
   x = jax.ShapeDtypeStruct((2, 9, 32, 32, 3), jnp.float32)
-  # conftest makes unset precisions "highest" for parity; a run leaves them to the backend.
-  with jax.default_matmul_precision("default"):
+  # conftest makes unset precisions "highest" for parity; a run leaves them to JAX's default.
+  with jax.default_matmul_precision(None):
     text = jax.jit(train.make_train_step(cfg)).lower(state, {"video": x}).as_text()
-  convs = [l for l in text.splitlines() if "stablehlo.convolution" in l]
-  return convs, [re.findall(r"precision (\w+)", l) for l in convs], state
+  return ops(text, "convolution"), ops(text, "dot_general"), state
 
 
-def test_bf16_step_has_no_highest_convs_and_keeps_float32_state():
-  convs, precisions, state = _conv_precisions(tiny(dtype="bfloat16"))
-  assert len(convs) > 20
-  assert not any("HIGHEST" in p for p in precisions), [l for l in convs if "HIGHEST" in l][:2]
-  assert sum("bf16" in l for l in convs) > 0.9 * len(convs)  # the convs compute in bf16
+def test_bf16_step_has_no_highest_convs_or_dots_and_keeps_float32_state():
+  convs, dots, state = _lowered_step(tiny(dtype="bfloat16"))
+  assert len(convs) > 20 and len(dots) > 4  # dots: the 1x1 convs and the attention
+  highest = [op for op in convs + dots if "HIGHEST" in op["precision"]]
+  assert not highest, highest[:2]
+  assert sum(op["rhs"][1] == "bf16" for op in convs) > 0.9 * len(convs)  # bf16 compute
   # Params, optimizer moments, discriminator statistics and LeCAM stay float32.
   floats = [x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(d == jnp.float32 for d in floats)
   # The float32 default keeps exact ("highest") convs: the check above can fail.
-  _, precisions32, _ = _conv_precisions(tiny(dtype="float32"))
-  assert sum("HIGHEST" in p for p in precisions32) > 0.5 * len(precisions32)
+  convs32, _, _ = _lowered_step(tiny(dtype="float32"))
+  assert sum("HIGHEST" in op["precision"] for op in convs32) > 0.5 * len(convs32)
+
+
+def test_every_model_conv_and_dot_carries_the_model_precision():
+  """At JAX's default matmul precision (not the suite's "highest"), every convolution and dot
+  of a float32 "highest" model's forward and backward is HIGHEST, `conv_by_taps` (the decoder's
+  conv_out on CPU) and the attention included, and "default" gives none: a dot or conv that
+  drops `precision=` fails this."""
+  x = jax.ShapeDtypeStruct((1, 9, 32, 32, 3), jnp.float32)
+  for precision, want in (("highest", {"HIGHEST"}), ("default", {"DEFAULT"})):
+    cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", **TINY, precision=precision)
+    model = vidtok_jax.VidTok(cfg)
+
+    def loss(p, x, model=model):
+      z = model.apply({"params": p}, x, method=model.encode)[0]
+      return jnp.mean(jnp.square(model.apply({"params": p}, z, method=model.decode)))
+
+    with jax.default_matmul_precision(None):
+      text = jax.jit(jax.grad(loss)).lower(vidtok_jax.abstract_params(cfg), x).as_text(
+          debug_info=True)
+    convs, dots = ops(text, "convolution"), ops(text, "dot_general")
+    assert len(convs) > 50 and len(dots) > 10
+    if jax.default_backend() == "cpu":
+      assert cpu_only_forms(text)["conv_by_taps"] > 0  # its matmuls are among the dots
+    wrong = [op for op in convs + dots if set(op["precision"]) != want]
+    assert not wrong, (precision, wrong[:3])
 
 
 def test_compilation_cache_setting():

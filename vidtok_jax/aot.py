@@ -1,13 +1,17 @@
 """Ahead-of-time plans of the train step for a device slice: per-chip memory, cost, collectives.
 
     devices = topology_devices("v5p:4x4x4")            # needs libtpu (`pip install -e .[tpu]`)
-    rec = plan_train_step(cfg, devices, "data=16,space=4", backend="tpu", chip=chip_of("v5p:4x4x4"))
+    cfg = apply_mesh(cfg, parse_mesh("data=16,space=4", len(devices)))
+    rec = plan_train_step(cfg, devices, chip=chip_of("v5p:4x4x4"))
 
 `topology_devices` describes a TPU slice without a TPU (libtpu compiles real TPU programs on a
-CPU-only machine); `jax.devices()` works too (`backend="cpu"`), which is how the tests exercise
-the same reporting. The step is the project's own (`make_train_step`, `make_mesh`,
-`state_shardings`, `batch_sharding`) on abstract inputs, so nothing is allocated. A record holds,
-per chip: XLA's memory analysis (arguments, outputs, temporaries, aliased donations, their sum
+CPU-only machine); `jax.devices()` works too, which is how the tests exercise the same reporting.
+The step is the project's own (`make_train_step`, `make_mesh`, `state_shardings`,
+`batch_sharding`) on abstract inputs, so nothing is allocated. Every program is built for its
+devices' platform, not this host's: the mesh is checked against those devices and their hosts,
+`dtype="auto"` and the precision resolve for that platform, and the model takes that platform's
+forms (`layers.lowering_platform`), so a TPU plan compiled here is the TPU's program. A record
+holds, per chip: XLA's memory analysis (arguments, outputs, temporaries, aliased donations, their sum
 against the chip's HBM), XLA's cost analysis (FLOPs, bytes accessed), a roofline step time
 `max(FLOPs / peak, bytes / HBM bandwidth)`, the collectives of the compiled HLO with their bytes,
 and the lower / compile times. `fit_batch` finds the largest per-chip batch that fits from two
@@ -25,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidtok_jax.planning import traffic
+
 GIB = 2**30
+TRAFFIC_TOP = 25  # ops listed by bytes in a plan record (all model parts are)
 
 # Per chip: HBM (GiB), dense bf16 peak (TFLOP/s), HBM bandwidth (GB/s), from Google Cloud's TPU
 # system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
@@ -111,7 +118,7 @@ def collectives(hlo_text: str) -> dict:
   return dict(out)
 
 
-def _abstract_inputs(cfg, mesh, shape):
+def _abstract_inputs(cfg, mesh, shape, platform):
   from vidtok_jax import train
   from vidtok_jax.bench import lpips_abstract_params
   from vidtok_jax.train import mesh as mesh_lib
@@ -122,7 +129,7 @@ def _abstract_inputs(cfg, mesh, shape):
 
   abstract = jax.eval_shape(
       lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
-      vidtok_jax.abstract_params(state_lib.model_config(cfg)), lp)
+      vidtok_jax.abstract_params(state_lib.model_config(cfg, platform)), lp)
   shardings = mesh_lib.state_shardings(mesh, abstract, fsdp=cfg.train.mesh.fsdp,
                                        fsdp_axis=cfg.train.mesh.fsdp_axis)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -132,57 +139,78 @@ def _abstract_inputs(cfg, mesh, shape):
   return state, batch, shardings, batch_sh
 
 
-def plan_train_step(cfg, devices, backend: str, chip: Optional[dict] = None,
-                    shape=None) -> dict:
-  """Compiles `cfg`'s train step for `devices` (mesh from `cfg.train.mesh`) on abstract inputs
-  of `shape` `(B, T, H, W, 3)` (default: the config's data shape) and returns its record."""
+def _lowered(jitted, args, rec):
+  """`(jitted lowered on args, rec with its "lower_s")`."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  rec["lower_s"] = time.perf_counter() - t0
+  return lowered, rec
+
+
+def lower_train_step(cfg, devices, backend: Optional[str] = None, shape=None):
+  """`(lowered, record)`: `cfg`'s train step lowered for `devices` (mesh from `cfg.train.mesh`,
+  checked against those devices and their hosts) on abstract inputs of `shape`
+  `(B, T, H, W, 3)` (default: the config's data shape). The program is built for the devices'
+  platform (`backend`, default theirs): its dtype, precision and platform-dependent forms are
+  the target's, and the record's `dtype` / `precision` are the program's. `cfg` is not changed."""
   from vidtok_jax.compile_options import compiler_options
   from vidtok_jax.train import mesh as mesh_lib
-  from vidtok_jax.train import state as state_lib
   from vidtok_jax.train import step as step_lib
 
   n = len(devices)
+  platform = backend or mesh_lib.platform_of(devices)
+  cfg = cfg.copy_and_resolve_references()  # the caller's config stays as it was
   if shape is None:
     d = cfg.data
     shape = (d.global_batch_size, d.num_frames, d.size, d.size, 3)
   with cfg.unlocked():
     cfg.data.global_batch_size = shape[0]
-  mesh_lib.check_mesh_config(cfg, n)
+  mesh_lib.check_mesh_config(cfg, devices)
   mesh = mesh_lib.make_mesh(cfg, devices)
-  state, batch, shardings, batch_sh = _abstract_inputs(cfg, mesh, shape)
-  fn = jax.jit(step_lib.make_train_step(cfg, mesh=mesh), in_shardings=(shardings, batch_sh),
-               out_shardings=(shardings, None), donate_argnums=0,
-               compiler_options=compiler_options(backend))
-  t0 = time.perf_counter()
-  lowered = fn.lower(state, batch)
-  lower_s = time.perf_counter() - t0
+  state, batch, shardings, batch_sh = _abstract_inputs(cfg, mesh, shape, platform)
+  step = step_lib.make_train_step(cfg, mesh=mesh, platform=platform)
+  fn = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+               donate_argnums=0, compiler_options=compiler_options(platform))
+  batch_devices = n // mesh.shape.get("space", 1)
+  rec = dict(devices=n, device_kind=devices[0].device_kind, platform=step.platform,
+             mesh=dict(mesh.shape), shape=list(shape), clips_per_chip=shape[0] / batch_devices,
+             dtype=step.compute_dtype, precision=step.model_config.precision,
+             remat=cfg.model.remat, stage=cfg.get("stage", 1),
+             lpips=cfg.loss.perceptual_weight > 0)
+  return _lowered(fn, (state, batch), rec)
+
+
+def plan_train_step(cfg, devices, backend: Optional[str] = None, chip: Optional[dict] = None,
+                    shape=None) -> dict:
+  """Compiles `cfg`'s train step for `devices` (see `lower_train_step`) and returns its record:
+  the program's settings, `report` and the lower / compile times. `cfg` is not changed."""
+  lowered, rec = lower_train_step(cfg, devices, backend, shape)
   t0 = time.perf_counter()
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  batch_devices = n // mesh.shape.get("space", 1)
-  rec = dict(devices=n, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-             shape=list(shape), clips_per_chip=shape[0] / batch_devices,
-             dtype=cfg.train.dtype, precision=state_lib.model_config(cfg, backend).precision,
-             remat=cfg.model.remat,
-             lpips=cfg.loss.perceptual_weight > 0, lower_s=lower_s, compile_s=compile_s)
+  rec["compile_s"] = time.perf_counter() - t0
   rec.update(report(compiled, chip))
   return rec
 
 
-def plan_inference(model_cfg, op: str, devices, backend: str, chip: Optional[dict] = None,
-                   shape=(1, 17, 256, 256, 3), sizes: Optional[dict] = None) -> dict:
-  """Compiles `encode` or `decode` of `model_cfg` for `devices` on the video batch `shape` (for
-  decode: its latent), params replicated; its record (`report` plus the clips per second per
-  chip the roofline allows). `sizes` (`parse_mesh`): the batch split over `data` x `fsdp`, the
-  height over `space` (what `Streamer(mesh=...)` does); default: the batch over every device."""
-  import vidtok_jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+def lower_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
+                    shape=(1, 17, 256, 256, 3), sizes: Optional[dict] = None):
+  """`(lowered, record)`: `encode` or `decode` of `model_cfg` lowered for `devices` (the
+  platform-dependent forms of `backend`, default the devices' platform) on the video batch
+  `shape` (for decode: its latent), params replicated. `sizes` (`parse_mesh`): the batch split
+  over `data` x `fsdp`, the height over `space` (what `Streamer(mesh=...)` does); default: the
+  batch over every device."""
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
+  import vidtok_jax
   from vidtok_jax.compile_options import compiler_options
+  from vidtok_jax.models import layers
+  from vidtok_jax.train import mesh as mesh_lib
 
   if op not in ("encode", "decode"):
-    raise ValueError(f"plan_inference: op must be encode or decode, got {op!r}")
+    raise ValueError(f"op must be encode or decode, got {op!r}")
   n = len(devices)
+  platform = backend or mesh_lib.platform_of(devices)
   sizes = sizes or dict(data=n, fsdp=1, space=1)
   rows, space = sizes["data"] * sizes["fsdp"], sizes["space"]
   if shape[0] % rows:
@@ -200,28 +228,35 @@ def plan_inference(model_cfg, op: str, devices, backend: str, chip: Optional[dic
   x = split(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
 
   def encode(p, x):
-    return model.apply({"params": p}, x, method=model.encode)[0]
+    with layers.lowering_platform(platform):  # traced for the target, not this host
+      return model.apply({"params": p}, x, method=model.encode)[0]
 
   def decode(p, z):
-    return model.apply({"params": p}, z, method=model.decode)
+    with layers.lowering_platform(platform):
+      return model.apply({"params": p}, z, method=model.decode)
 
   fn, arg = encode, x
   if op == "decode":
     fn, arg = decode, split(jax.eval_shape(encode, params, x))
-  jitted = jax.jit(fn, compiler_options=compiler_options(backend))
-  t0 = time.perf_counter()
-  lowered = jitted.lower(params, arg)
-  lower_s = time.perf_counter() - t0
+  rec = dict(op=op, devices=n, device_kind=devices[0].device_kind, platform=platform,
+             mesh={k: v for k, v in dict(data=rows, space=space).items() if v > 1} or {"data": 1},
+             shape=list(shape), clips_per_chip=shape[0] / rows, dtype=str(model.config.dtype),
+             precision=str(model.config.precision))
+  return _lowered(jax.jit(fn, compiler_options=compiler_options(platform)), (params, arg), rec)
+
+
+def plan_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
+                   chip: Optional[dict] = None, shape=(1, 17, 256, 256, 3),
+                   sizes: Optional[dict] = None) -> dict:
+  """Compiles `encode` or `decode` of `model_cfg` for `devices` (see `lower_inference`); its
+  record (`report` plus the clips per second per chip the roofline allows)."""
+  lowered, rec = lower_inference(model_cfg, op, devices, backend, shape, sizes)
   t0 = time.perf_counter()
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  rec = dict(op=op, devices=n, device_kind=devices[0].device_kind,
-             mesh={k: v for k, v in dict(data=rows, space=space).items() if v > 1} or {"data": 1},
-             shape=list(shape), clips_per_chip=shape[0] / rows, dtype=str(model_cfg.dtype),
-             precision=str(model_cfg.precision), lower_s=lower_s, compile_s=compile_s)
+  rec["compile_s"] = time.perf_counter() - t0
   rec.update(report(compiled, chip))
   if rec.get("roofline_s"):
-    rec["roofline_clips_per_s_per_chip"] = shape[0] / n / rec["roofline_s"]
+    rec["roofline_clips_per_s_per_chip"] = shape[0] / rec["devices"] / rec["roofline_s"]
   return rec
 
 
@@ -249,7 +284,10 @@ def report(compiled, chip: Optional[dict] = None) -> dict:
     t_memory = rec["gb_accessed"] / chip["hbm_gbps"]
     rec["roofline_s"] = max(t_compute, t_memory)
     rec["roofline_bound"] = "compute" if t_compute >= t_memory else "memory"
-  rec["collectives"] = collectives(compiled.as_text())
+  text = compiled.as_text()
+  rec["collectives"] = collectives(text)
+  # Where the bytes go (the model is memory-bound on accelerators): top ops and model parts.
+  rec["traffic"] = traffic.report(text, top=TRAFFIC_TOP)
   return rec
 
 

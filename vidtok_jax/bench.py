@@ -110,6 +110,18 @@ def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, fr
   return cfg
 
 
+def model_config(a, dtype: str):
+  """The model config of the model-only ops (timed, or `--topology` encode / decode plans):
+  `--set` overrides, `--remat`, compute `dtype` and the precision `--precision` resolves to
+  for it (auto: the backend default with bf16)."""
+  import vidtok_jax
+  from vidtok_jax.precision import resolve_precision
+
+  precision = resolve_precision(a.precision, dtype, a.overrides.get("precision", "highest"))
+  return vidtok_jax.load_config(a.config, **{**a.overrides, "remat": a.remat, "dtype": dtype,
+                                             "precision": precision})
+
+
 def resolve_stage(stage: str, size: int) -> int:
   """`--stage auto`: the official recipe's stage for that frame size (stage 2, the frozen encoder
   and decoder-only training, at 256^2 and above; stage 1 below)."""
@@ -144,12 +156,7 @@ def build(op: str, a):
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
 
-  from vidtok_jax.precision import resolve_precision
-
   b, t, h, w = a.shape
-  overrides = dict(a.overrides, remat=a.remat, dtype=a.dtype,
-                   precision=resolve_precision(a.precision, a.dtype,
-                                               a.overrides.get("precision", "highest")))
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, t, h, w, 3)).astype(np.float32))
   if op == "train_step":
     from vidtok_jax import train
@@ -160,7 +167,7 @@ def build(op: str, a):
     lp = random_lpips_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
     state = train.create_train_state(cfg, jax.random.key(0), params, lpips_params=lp)
     return train.make_train_step(cfg), (state, {"video": x}), b, t
-  cfg = vidtok_jax.load_config(a.config, **overrides)
+  cfg = model_config(a, a.dtype)
   model = vidtok_jax.VidTok(cfg)
   params = jax.device_put(random_params(vidtok_jax.abstract_params(cfg), seed=0))
   if op == "encode":
@@ -402,7 +409,7 @@ def topology_main(a):
           records.append(row)
       continue
     for op in [o for o in a.op_list if o in ("encode", "decode")]:
-      model_cfg = inference_config(a, dtype, backend)
+      model_cfg = model_config(a, dtype)
       print(f"== {a.config} {op} {'x'.join(map(str, a.shape))} {dtype} for {topo} "
             f"({len(devices)} devices, mesh {sizes})", flush=True)
       rec = aot.plan_inference(model_cfg, op, devices, backend, chip, (*a.shape, 3), sizes)
@@ -416,7 +423,7 @@ def topology_main(a):
           f"remat={a.remat} for {topo} ({len(devices)} devices, mesh {sizes})", flush=True)
     rec = aot.plan_train_step(make_cfg(a.shape[0]), devices, backend, chip,
                               (*a.shape, 3))
-    rec.update(config=a.config, topology=topo, overrides=a.overrides, stage=stage)
+    rec.update(config=a.config, topology=topo, overrides=a.overrides)
     print(plan_table(rec), flush=True)
     records.append(rec)
   if a.json:
@@ -424,21 +431,10 @@ def topology_main(a):
   return records
 
 
-def inference_config(a, dtype: str, backend: str):
-  """The model config of `--topology` encode / decode plans: `--dtype`, with the precision
-  `--precision auto` resolves to for it (bf16: the backend default)."""
-  import vidtok_jax
-  from vidtok_jax.precision import resolve_precision
-
-  precision = resolve_precision(a.precision, dtype, a.overrides.get("precision", "highest"))
-  return vidtok_jax.load_config(a.config, **{**a.overrides, "dtype": dtype,
-                                             "precision": precision, "remat": "none"})
-
-
 def plan_table(r) -> str:
   m = r.get("memory_gib", {})
   lines = [f"per chip ({r['device_kind']}, {r['clips_per_chip']:g} clip(s)/chip, "
-           f"mesh {r['mesh']}):",
+           f"mesh {r['mesh']}, {r['dtype']}, precision {r['precision']}):",
            f"  HBM needed {r.get('hbm_needed_gib', float('nan')):.2f} GiB"
            + (f" of {r['hbm_gib']:g} GiB ({'fits' if r['fits'] else 'DOES NOT FIT'})"
               if "hbm_gib" in r else "")
@@ -453,6 +449,10 @@ def plan_table(r) -> str:
   for op, c in sorted(r["collectives"].items()):
     lines.append(f"  {op:18s} x{c['count']:<4d} {c['bytes'] / 2**20:10.2f} MiB "
                  f"(largest {c['largest'] / 2**20:.2f} MiB)")
+  if "traffic" in r:
+    from vidtok_jax.planning import traffic
+
+    lines.append(traffic.table(r["traffic"], rows=12))
   return "\n".join(lines)
 
 

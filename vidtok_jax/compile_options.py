@@ -12,5 +12,6 @@ CPU_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
-  """The options for `backend` (default: JAX's default backend); None where none are needed."""
+  """The options for `backend`, the platform the program is compiled for (default: JAX's default
+  backend, i.e. this host's devices); None where none are needed."""
   return dict(CPU_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None

@@ -2,13 +2,21 @@
 
 Every module works on channels-last videos `(B, T, H, W, C)`. Per-frame 2-D convs are 3-D convs
 with kernel `(1, kh, kw)` and per-pixel temporal convs are 3-D convs with kernel `(k, 1, 1)`, so
-no layout changes are needed (`conv3d` picks the fastest lowering per backend). Module and parameter names mirror the official PyTorch module tree
-(see `vidtok_jax.convert.keys`), e.g. a causal conv is a module holding a child named `conv`.
+no layout changes are needed (`conv3d` picks the fastest lowering per platform). Module and
+parameter names mirror the official PyTorch module tree (see `vidtok_jax.convert.keys`), e.g. a
+causal conv is a module holding a child named `conv`.
+
+Platform: the forms `conv3d` picks are chosen when the model is traced, for the platform the
+program is lowered for: `target_platform()`, which is the innermost `lowering_platform(name)`
+block (whoever builds a program for other devices sets it: the train step from its mesh, the
+ahead-of-time planner from the TPU topology) and otherwise JAX's default backend.
 
 Versions: "v1.0" causal convs pad time with zeros; "v1.1" causal convs pad time with copies of
 the first frame (or, when streaming, with frames cached from the previous chunk).
 """
 
+import contextlib
+import contextvars
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -18,6 +26,25 @@ import numpy as np
 
 Dtype = Any
 Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference
+
+_PLATFORM = contextvars.ContextVar("vidtok_jax_lowering_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_platform(platform: Optional[str]):
+  """Within the block the model is traced for `platform` ("cpu", "gpu", "tpu"; None: JAX's
+  default backend). Enter it inside the traced function, so every trace of that function
+  sees it (jit caches a function's trace, not this setting)."""
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform the model is being traced for (see `lowering_platform`)."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 def at_least_f32(dtype):
@@ -73,7 +100,8 @@ class Conv(nn.Module):
     return conv3d(x, kernel, tuple(self.strides), padding, self.precision) + bias
 
 
-def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
+def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
+           platform: Optional[str] = None):
   """A 3-D conv `(B, T, H, W, C) * (kt, kh, kw, C, O)`, `padding` "VALID" or per-axis pairs.
 
   Zero padding is the conv's own (no padded copy of `x` is made). A one-tap (per-frame) kernel
@@ -81,14 +109,16 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
   over `(T, H*W)` "images": 2-D convs are the best-tuned kernels of cuDNN and XLA:CPU (whose 2-D
   convs are about twice as fast as its 3-D ones; the same sums either way). On CPU a kernel
   with few outputs (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as
-  `conv_by_taps`; accelerators run it as a conv.
+  `conv_by_taps`; accelerators run it as a conv. `platform`: the one the program is lowered
+  for (default `target_platform()`); only "cpu" gets the CPU forms (also `early_weight_grad`).
   """
+  platform = platform or target_platform()
   taps = int(np.prod(kernel.shape[:3]))
   if (taps > 1 and tuple(strides) == (1, 1, 1) and taps * kernel.shape[-1] <= kernel.shape[-2]
-      and jax.default_backend() == "cpu"):
+      and platform == "cpu"):
     if padding != "VALID":
       x = jnp.pad(x, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
-    return conv_by_taps(x, kernel, precision)
+    return conv_by_taps(x, kernel, precision, platform)
   if kernel.shape[1:3] == (1, 1) and strides[1:] == (1, 1) and (
       padding == "VALID" or tuple(map(tuple, padding[1:])) == ((0, 0), (0, 0))):
     time_pad = "VALID" if padding == "VALID" else (tuple(padding[0]), (0, 0))
@@ -100,13 +130,13 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
           padding=time_pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
       return y.reshape(b, y.shape[1], h, w, y.shape[-1])
 
-    return early_weight_grad(time_conv)(x, kernel)
+    return early_weight_grad(time_conv, platform)(x, kernel)
   if kernel.shape[0] > 1 or strides[0] != 1:
     def conv(x, kernel):
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision)
-    return early_weight_grad(conv)(x, kernel)
+    return early_weight_grad(conv, platform)(x, kernel)
   if padding != "VALID" and tuple(padding[0]) != (0, 0):  # a one-tap kernel over padded time
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), (0, 0), (0, 0), (0, 0)))
   spatial = "VALID" if padding == "VALID" else tuple(tuple(p) for p in padding[1:])
@@ -118,18 +148,21 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
         padding=spatial, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
     return y.reshape(b, t, *y.shape[1:])
 
-  return early_weight_grad(frames_conv)(x, kernel)
+  return early_weight_grad(frames_conv, platform)(x, kernel)
 
 
-def conv_by_taps(x, kernel, precision=None):
+def conv_by_taps(x, kernel, precision=None, platform: Optional[str] = None):
   """A stride-1 VALID 3-D conv as one matmul to every tap's outputs, then a shifted sum.
 
   For kernels with few output channels, XLA:CPU's conv runs at a small fraction of its usual
   speed (the decoder's 3x3x3 128 -> 3 `conv_out` took 0.33 s on a 17x64x64 clip); the matmul
   `x @ K` with `K (C, taps*O)` runs at full speed and the shifted sum touches only
   `taps*O <= C` channels (0.011 s). The backward is written out the same way: the cotangent is
-  spread to every tap (padding), then two matmuls. Sums accumulate in at least float32.
+  spread to every tap (padding), then two matmuls. Sums accumulate in at least float32. On a
+  "cpu" `platform` (default `target_platform()`) `dx` is tied to `dk` (`early_weight_grad`).
+  Its ops run under the name scope "conv_by_taps" (visible in the HLO's op names).
   """
+  tie = (platform or target_platform()) == "cpu"  # chosen here, not when the backward is traced
   kt, kh, kw, c, o = kernel.shape
   b, t, h, w, _ = x.shape
   out_shape = (b, t - kt + 1, h - kh + 1, w - kw + 1)
@@ -139,6 +172,7 @@ def conv_by_taps(x, kernel, precision=None):
   def flat(kernel):  # (C, taps*O), taps in `offsets` order
     return kernel.transpose(3, 0, 1, 2, 4).reshape(c, kt * kh * kw * o)
 
+  @jax.named_scope("conv_by_taps")
   def forward(x, kernel):
     z = jnp.einsum("bthwc,cq->bthwq", x, flat(kernel), precision=precision,
                    preferred_element_type=acc).reshape(b, t, h, w, len(offsets), o)
@@ -153,6 +187,7 @@ def conv_by_taps(x, kernel, precision=None):
   def fwd(x, kernel):
     return forward(x, kernel), (x, kernel)
 
+  @jax.named_scope("conv_by_taps")
   def bwd(res, dy):
     x, kernel = res
     dy = dy.astype(acc)
@@ -162,7 +197,7 @@ def conv_by_taps(x, kernel, precision=None):
     dx = jnp.einsum("bthwq,cq->bthwc", dz, flat(kernel).astype(acc), precision=precision)
     dk = jnp.einsum("bthwc,bthwq->cq", x.astype(acc), dz, precision=precision)
     dk = dk.reshape(c, kt, kh, kw, o).transpose(1, 2, 3, 0, 4)
-    if jax.default_backend() == "cpu":
+    if tie:
       dx = tie_to(dx, dk)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -170,21 +205,22 @@ def conv_by_taps(x, kernel, precision=None):
   return conv(x, kernel)
 
 
+@jax.named_scope("tie_to")
 def tie_to(dx, dk):
-  """`dx + 0 * dk[0]`: dx now waits for dk (see `early_weight_grad`)."""
+  """`dx + 0 * dk[0]`: dx now waits for dk (see `early_weight_grad`). Named scope "tie_to"."""
   return dx + jax.lax.stop_gradient(dk.reshape(-1)[0]).astype(dx.dtype) * 0
 
 
-def early_weight_grad(f):
+def early_weight_grad(f, platform: Optional[str] = None):
   """`f(x, kernel)` whose backward pass makes the input cotangent depend on the kernel's.
 
   XLA:CPU defers weight-gradient convs to the end of the backward pass (they only feed outputs),
   which keeps every layer's input alive until then: the released decoder's backward holds
   3.3 GB of temporaries with parameter gradients and 1.2 GB without. Tying `dx` to `dk`
   (`dx + 0 * dk[0]`, which XLA may not fold: 0 * NaN is NaN) frees each input once its layer is
-  done. On other backends `f` is returned unchanged.
+  done. For any `platform` (default `target_platform()`) but "cpu", `f` is returned unchanged.
   """
-  if jax.default_backend() != "cpu":
+  if (platform or target_platform()) != "cpu":
     return f
 
   @jax.custom_vjp
@@ -416,7 +452,8 @@ class TimeDownsample(nn.Module):
 
   causal v1.0: pool over [zero frame, x]; conv = v1.0 CausalConv3d k3 stride (2,1,1).
   causal v1.1: pool over [frame 0, x]; conv = v1.1 CausalConv3d. Streaming (both causal
-  versions): the pool's front frame is the cached last frame of the previous chunk. non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
+  versions): the pool's front frame is the cached last frame of the previous chunk.
+  non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
   """
 
   features: int

@@ -40,15 +40,16 @@ SPACE = "space"  # the mesh axis that splits activation heights
 
 def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """`("data",)` over `devices` (default: all), plus `"fsdp"` when `config.train.mesh.fsdp`
-  (size `fsdp_size`, 0 = local device count) and a last `"space"` axis when
-  `config.train.mesh.space > 1`. `data` takes the devices left over."""
+  (size `fsdp_size`, 0 = the devices of one host) and a last `"space"` axis when
+  `config.train.mesh.space > 1`. `data` takes the devices left over. `devices` may be another
+  machine's (a TPU topology's): they are checked as they are, not against this host."""
   mc = config.train.mesh
   devices = host_major(jax.devices() if devices is None else devices)
   n = len(devices)
-  space = check_space(config, n)
+  space = check_space(config, devices)
   names, shape = [mc.data_axis], [n // space]
   if mc.fsdp:
-    f = mc.fsdp_size or min(jax.local_device_count(), n) // space
+    f = mc.fsdp_size or min(min(host_device_counts(devices).values()), n) // space
     if f < 1 or (n // space) % f:
       raise ValueError(f"config.train.mesh.fsdp_size={f} does not divide the {n // space} "
                        f"devices of the batch axes ({n} devices / space {space})")
@@ -61,6 +62,28 @@ def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), tuple(names))
 
 
+def host_device_counts(devices) -> dict:
+  """`{process index: number of devices}` of `devices` (a list of devices, e.g. a TPU
+  topology's), or of this runtime for an int (a device count: its processes are this run's)."""
+  if isinstance(devices, (int, np.integer)):
+    if jax.process_count() == 1:
+      return {0: int(devices)}
+    return {i: jax.local_device_count() for i in range(jax.process_count())}
+  counts = {}
+  for d in devices:
+    counts[d.process_index] = counts.get(d.process_index, 0) + 1
+  return counts
+
+
+def platform_of(devices) -> str:
+  """The platform ("cpu", "gpu", "tpu") of `devices` (a list or a `Mesh`); all must share it."""
+  devices = list(devices.devices.flat) if isinstance(devices, Mesh) else list(devices)
+  platforms = sorted({d.platform for d in devices})
+  if len(platforms) != 1:
+    raise ValueError(f"devices of one platform expected, got {platforms or 'none'}")
+  return platforms[0]
+
+
 def host_major(devices) -> list:
   """`devices` ordered by (process, id): consecutive devices, hence every fsdp and space group
   of `make_mesh` (space groups divide the per-host device count), lie on one host, whatever
@@ -68,17 +91,22 @@ def host_major(devices) -> list:
   return sorted(devices, key=lambda d: (d.process_index, d.id))
 
 
-def check_space(config, n_devices: int) -> int:
-  """`config.train.mesh.space`, checked against the devices and every level of the model:
-  ValueError naming the level and its height when the split does not divide it."""
+def check_space(config, devices) -> int:
+  """`config.train.mesh.space`, checked against `devices` (the devices the program is for, or
+  their number for this run's own) and every level of the model: ValueError naming the level
+  and its height when the split does not divide it."""
+  n_devices = devices if isinstance(devices, (int, np.integer)) else len(devices)
   space = int(config.train.mesh.get("space", 1) or 1)
   if space < 1 or n_devices % space:
     raise ValueError(f"config.train.mesh.space={space} does not divide the {n_devices} devices")
   if space == 1:
     return 1
-  if jax.process_count() > 1 and jax.local_device_count() % space:
-    raise ValueError(f"config.train.mesh.space={space} must divide the {jax.local_device_count()} "
-                     "devices of each host (a space group stays inside one host)")
+  per_host = host_device_counts(devices)
+  if len(per_host) > 1 and any(c % space for c in per_host.values()):
+    counts = sorted(set(per_host.values()))
+    raise ValueError(f"config.train.mesh.space={space} must divide the "
+                     f"{' / '.join(map(str, counts))} devices of each host (a space group stays "
+                     "inside one host)")
   for what, h in level_heights(config):
     if h % space:
       raise ValueError(f"config.train.mesh.space={space} does not divide the height {h} of "
@@ -101,10 +129,12 @@ def level_heights(config):
   return out  # the last level is the latent's (mid blocks, attention)
 
 
-def check_mesh_config(config, n_devices: int) -> None:
-  """ValueErrors for a mesh the config cannot use: `space` (see `check_space`) and a global
-  batch not divisible by the batch axes (`data x fsdp` = devices / space)."""
-  space = check_space(config, n_devices)
+def check_mesh_config(config, devices) -> None:
+  """ValueErrors for a mesh the config cannot use on `devices` (a list of the target's devices,
+  or the number of this run's own): `space` (see `check_space`) and a global batch not
+  divisible by the batch axes (`data x fsdp` = devices / space)."""
+  n_devices = devices if isinstance(devices, (int, np.integer)) else len(devices)
+  space = check_space(config, devices)
   b, n = config.data.global_batch_size, n_devices // space
   if b % n:
     raise ValueError(f"config.data.global_batch_size: {b} is not divisible by data x fsdp = {n} "

@@ -24,6 +24,7 @@ import optax
 
 import vidtok_jax
 from vidtok_jax import losses
+from vidtok_jax.models import layers
 from vidtok_jax.train import mesh as mesh_lib
 from vidtok_jax.train import state as state_lib
 
@@ -47,7 +48,7 @@ def _select(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def make_train_step(config, lpips_params=None, mesh=None):
+def make_train_step(config, lpips_params=None, mesh=None, platform=None):
   """Returns the pure `train_step(state, batch) -> (state, metrics)` for `config`.
 
   `batch`: `{"video": (B, T, H, W, 3) float}` (or the array itself), B divisible by the data
@@ -61,12 +62,15 @@ def make_train_step(config, lpips_params=None, mesh=None):
   (1 = finite), `nonfinite` (1 = update skipped), `nonfinite_streak`, `skipped`.
   """
   tc, lc = config.train, config.loss
-  model = vidtok_jax.VidTok(state_lib.model_config(config))
+  if platform is None:
+    platform = mesh_lib.platform_of(mesh) if mesh is not None else jax.default_backend()
+  model_cfg = state_lib.model_config(config, platform)
+  model = vidtok_jax.VidTok(model_cfg)
   spec = model.config
   trim_to_input = spec.causal and spec.version == "v1.1"  # v1.1 forward keeps the last T frames
-  disc = state_lib.make_discriminator(config)
+  disc = state_lib.make_discriminator(config, platform)
   g_tx, d_tx = state_lib.make_optimizers(config)
-  cdt = state_lib.compute_dtype(config)
+  cdt = state_lib.compute_dtype(config, platform)
   reg_weights = {"kl_loss": float(lc.kl_weight), "aux_loss": float(lc.aux_weight)}
   use_lpips = lc.perceptual_weight > 0
   if use_lpips:
@@ -103,7 +107,7 @@ def make_train_step(config, lpips_params=None, mesh=None):
            if k not in ("indices", "mean", "logvar")}
     return (recon, reg), sg(aux)
 
-  def train_step(state, batch):
+  def step(state, batch):
     x = batch["video"] if isinstance(batch, dict) else batch
     x = space(jnp.asarray(x, jnp.float32))
     b, t = x.shape[:2]
@@ -171,59 +175,64 @@ def make_train_step(config, lpips_params=None, mesh=None):
         d_loss_fn, has_aux=True)(state.d_params)
 
     # ---- optimizer updates (clip 20 + Adam inside the optax chains) -------------------------
-    g_updates, g_opt = g_tx.update(g_grads, state.g_opt_state, state.g_params)
-    new_g = optax.apply_updates(state.g_params, g_updates)
-    if fix_encoder:  # keep frozen leaves bitwise (x + 0.0 would turn -0.0 into +0.0)
-      new_g = {**new_g, "model": {k: state.g_params["model"][k] if k in
-                                  state_lib.FROZEN_WITH_ENCODER else v
-                                  for k, v in new_g["model"].items()}}
-    d_updates, d_opt = d_tx.update(d_grads, state.d_opt_state, state.d_params)
-    new_d = optax.apply_updates(state.d_params, d_updates)
+    # (Named scopes name these ops in the compiled program: `planning.traffic` groups bytes by
+    # them.)
+    with jax.named_scope("optimizer"):
+      g_updates, g_opt = g_tx.update(g_grads, state.g_opt_state, state.g_params)
+      new_g = optax.apply_updates(state.g_params, g_updates)
+      if fix_encoder:  # keep frozen leaves bitwise (x + 0.0 would turn -0.0 into +0.0)
+        new_g = {**new_g, "model": {k: state.g_params["model"][k] if k in
+                                    state_lib.FROZEN_WITH_ENCODER else v
+                                    for k, v in new_g["model"].items()}}
+      d_updates, d_opt = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+      new_d = optax.apply_updates(state.d_params, d_updates)
 
-    ema = state.ema_params
-    if ema_decay is not None:
-      # LitEma: n = number of updates including this one (skipped steps are not updates).
-      n = (i - state.skipped + 1).astype(jnp.float32)
-      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-      ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, new_g)
+    with jax.named_scope("ema"):
+      ema = state.ema_params
+      if ema_decay is not None:
+        # LitEma: n = number of updates including this one (skipped steps are not updates).
+        n = (i - state.skipped + 1).astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, new_g)
 
     # ---- non-finite guard ---------------------------------------------------------------------
-    g_trainable = state_lib.g_param_labels(g_grads, fix_encoder)
-    train_only = lambda tree: [v for v, lab in zip(jax.tree.leaves(tree),
-                                                   jax.tree.leaves(g_trainable), strict=True)
-                               if lab == "train"]
-    norms = {
-        "g_grad_norm": losses.global_norm(train_only(g_grads)),
-        "g_param_norm": losses.global_norm(train_only(state.g_params)),
-        "g_update_norm": losses.global_norm(train_only(g_updates)),
-        "d_grad_norm": losses.global_norm(d_grads),
-        "d_param_norm": losses.global_norm(state.d_params),
-        "d_update_norm": losses.global_norm(d_updates),
-    }
-    finite = {
-        "nll_loss": jnp.isfinite(nll), "g_loss": jnp.isfinite(g_loss),
-        "reg_loss": jnp.isfinite(reg), "d_weight": jnp.isfinite(d_weight),
-        "total_loss": jnp.isfinite(g_total), "disc_loss": jnp.isfinite(d_total),
-        "g_grads": jnp.isfinite(norms["g_grad_norm"]),
-        "d_grads": jnp.isfinite(norms["d_grad_norm"]),
-        # finite grads can still give non-finite params (an overflowing lr or Adam moment)
-        "g_updates": jnp.isfinite(norms["g_update_norm"]),
-        "d_updates": jnp.isfinite(norms["d_update_norm"]),
-        "batch_stats": _all_finite(d_stats), "lecam": _all_finite(lecam),
-    }
-    ok = jnp.all(jnp.stack(list(finite.values())))
-    new_state = state.replace(
-        step=i + 1,
-        g_params=_select(ok, new_g, state.g_params),
-        d_params=_select(ok, new_d, state.d_params),
-        d_batch_stats=_select(ok, d_stats, state.d_batch_stats),
-        g_opt_state=_select(ok, g_opt, state.g_opt_state),
-        d_opt_state=_select(ok, d_opt, state.d_opt_state),
-        ema_params=_select(ok, ema, state.ema_params) if ema is not None else None,
-        lecam=_select(ok, lecam, state.lecam),
-        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
-        skipped=(state.skipped + jnp.where(ok, 0, 1)).astype(jnp.int32),
-    )
+    with jax.named_scope("nonfinite_guard"):
+      g_trainable = state_lib.g_param_labels(g_grads, fix_encoder)
+      train_only = lambda tree: [v for v, lab in zip(jax.tree.leaves(tree),
+                                                     jax.tree.leaves(g_trainable), strict=True)
+                                 if lab == "train"]
+      norms = {
+          "g_grad_norm": losses.global_norm(train_only(g_grads)),
+          "g_param_norm": losses.global_norm(train_only(state.g_params)),
+          "g_update_norm": losses.global_norm(train_only(g_updates)),
+          "d_grad_norm": losses.global_norm(d_grads),
+          "d_param_norm": losses.global_norm(state.d_params),
+          "d_update_norm": losses.global_norm(d_updates),
+      }
+      finite = {
+          "nll_loss": jnp.isfinite(nll), "g_loss": jnp.isfinite(g_loss),
+          "reg_loss": jnp.isfinite(reg), "d_weight": jnp.isfinite(d_weight),
+          "total_loss": jnp.isfinite(g_total), "disc_loss": jnp.isfinite(d_total),
+          "g_grads": jnp.isfinite(norms["g_grad_norm"]),
+          "d_grads": jnp.isfinite(norms["d_grad_norm"]),
+          # finite grads can still give non-finite params (an overflowing lr or Adam moment)
+          "g_updates": jnp.isfinite(norms["g_update_norm"]),
+          "d_updates": jnp.isfinite(norms["d_update_norm"]),
+          "batch_stats": _all_finite(d_stats), "lecam": _all_finite(lecam),
+      }
+      ok = jnp.all(jnp.stack(list(finite.values())))
+      new_state = state.replace(
+          step=i + 1,
+          g_params=_select(ok, new_g, state.g_params),
+          d_params=_select(ok, new_d, state.d_params),
+          d_batch_stats=_select(ok, d_stats, state.d_batch_stats),
+          g_opt_state=_select(ok, g_opt, state.g_opt_state),
+          d_opt_state=_select(ok, d_opt, state.d_opt_state),
+          ema_params=_select(ok, ema, state.ema_params) if ema is not None else None,
+          lecam=_select(ok, lecam, state.lecam),
+          nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+          skipped=(state.skipped + jnp.where(ok, 0, 1)).astype(jnp.int32),
+      )
 
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in {**reg_log, **g_log}.items()}
     metrics["reg_loss"] = reg
@@ -237,4 +246,11 @@ def make_train_step(config, lpips_params=None, mesh=None):
     metrics["step"] = i
     return new_state, metrics
 
+  def train_step(state, batch):
+    with layers.lowering_platform(platform):  # at trace time: the forms of the target
+      return step(state, batch)
+
+  train_step.platform = platform
+  train_step.model_config = model_cfg
+  train_step.compute_dtype = str(cdt)
   return train_step
