@@ -321,3 +321,30 @@ def test_two_host_shards_equal_one(folder, params):
   for k in ("psnr", "ssim"):
     np.testing.assert_allclose(merged[k], whole[k], rtol=1e-6)
   assert merged["protocol"]["num_frames_scored"] == whole["protocol"]["num_frames_scored"]
+
+
+def _damaged(n_good: int, h=40, w=48):
+  """A VideoItem whose frame source yields `n_good` frames, then fails as a cut file does."""
+  from vidtok_jax.data.decode import VideoDecodeError
+  from vidtok_jax.data.frames import ChunkFrames
+
+  def chunks():
+    yield np.random.default_rng(99).integers(0, 256, (n_good, h, w, 3), np.uint8)
+    raise VideoDecodeError("cut.mp4", "truncated", "decoding failed after some frames")
+
+  def load():
+    raise AssertionError("streamed items are not loaded whole")
+
+  return evaluation.VideoItem("cut.mp4", load, open=lambda: ChunkFrames(chunks(), 4.0))
+
+
+def test_a_video_damaged_midway_is_skipped_and_changes_nothing_else(sampled):
+  """Its first window is already in a device batch with other videos' windows when the damage
+  shows: the window's scores are dropped and its KL key number is given back, so the other
+  videos score exactly as in a run without it."""
+  with_cut = sampled.run(synthetic([10, 20]) + [_damaged(12)] + synthetic([14]), progress=False)
+  without = sampled.run(synthetic([10, 20, 14]), progress=False)
+  assert [s["reason"] for s in with_cut["skipped"]] == ["truncated"]
+  assert len(with_cut["videos"]) == 3
+  for a, b in zip(with_cut["videos"], without["videos"]):  # other batch neighbours: 1e-5
+    assert a == pytest.approx(b, rel=1e-5)

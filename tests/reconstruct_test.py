@@ -276,20 +276,22 @@ def test_video_writer_appends_batches_and_never_leaves_half_a_file(tmp_path):
 
 
 def test_frames_are_written_while_the_device_reconstructs(tmp_path, kl_setup):
-  """run_video's windows path: each batch is encoded on a writer thread as it comes back (batch
-  k+1 already dispatched); the reconstruction equals `reconstruct_windows`, the files hold every
-  frame, and they are the same video as one whole write."""
+  """run_video's windows path: windows arrive as a stream, each batch is encoded on a writer
+  thread as it comes back (batch k+1 already dispatched); tokens and per-frame PSNR equal those
+  of `reconstruct_windows`, the files hold every frame, and they are the same video as one whole
+  write."""
   windows = np.random.default_rng(3).uniform(0, 1, (3, 9, 16, 16, 3)).astype(np.float32)
   seen = []
   with on_cpu():
     ref, ref_tok = rc.reconstruct_windows(kl_setup.model, kl_setup.params, windows, batch_size=2,
                                           on_batch=lambda lo, hi, r: seen.append((lo, hi)))
-    out = {k: str(tmp_path / k) for k in ("recon.mp4", "side_by_side.mp4")}
-    recon, tok = rc._reconstruct_writing(kl_setup.model, kl_setup.params, windows, rc.SEED, 2,
-                                         False, out, True, 10.0)
+    out = {k: str(tmp_path / "o" / k) for k in ("recon.mp4", "side_by_side.mp4")}
+    psnrs, tok = rc._reconstruct_writing(kl_setup.model, kl_setup.params, iter(windows), rc.SEED,
+                                         2, False, out, True, 10.0)
   assert seen == [(0, 2), (2, 3)]
-  np.testing.assert_array_equal(recon, ref)
   np.testing.assert_array_equal(tok, ref_tok)
+  np.testing.assert_array_equal(psnrs, rc.psnr_per_frame(windows.reshape(-1, 16, 16, 3),
+                                                         ref.reshape(-1, 16, 16, 3)))
   rc.write_video(tmp_path / "whole.mp4", rc.to_uint8(ref.reshape(-1, 16, 16, 3)), 10.0)
   whole, _ = decode(tmp_path / "whole.mp4")
   got, info = decode(out["recon.mp4"])
@@ -297,6 +299,11 @@ def test_frames_are_written_while_the_device_reconstructs(tmp_path, kl_setup):
   assert got.shape == whole.shape == (27, 16, 16, 3) and side.shape == (27, 16, 32, 3)
   assert luma_psnr(got, whole).min() > 40  # lossy codec: same frames, near-identical video
   assert luma_psnr(side[:, :, 16:], whole).min() > 30
+  # No window: nothing written, not even the folder.
+  none = {k: str(tmp_path / "none" / k) for k in out}
+  psnrs, tok = rc._reconstruct_writing(kl_setup.model, kl_setup.params, iter(()), rc.SEED, 2,
+                                       False, none, True, 10.0)
+  assert len(psnrs) == len(tok) == 0 and not (tmp_path / "none").exists()
 
 
 @pytest.fixture(scope="module")

@@ -339,3 +339,14 @@ def test_reader_works_without_tensorflow(fsq_out):
                      timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.split() == ["(2,", "3,", "4,", "4)", "uint16"], p.stdout
+
+
+def test_batch_size_none_is_the_evaluation_default_and_bad_ones_are_refused(fsq_params):
+  """eval.py's rate pass hands its resolved batch size; None (the flag's default) means the
+  evaluation's default rather than a TypeError deep in the constructor."""
+  assert TokenizeJob(tiny(FSQ), fsq_params, None, batch_size=None).batch_size == \
+      evaluation.default_batch_size()
+  with pytest.raises(TypeError, match="batch_size must be an int"):
+    TokenizeJob(tiny(FSQ), fsq_params, None, batch_size="2")
+  with pytest.raises(ValueError, match="must be >= 1"):
+    TokenizeJob(tiny(FSQ), fsq_params, None, batch_size=0)

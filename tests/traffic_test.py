@@ -34,10 +34,10 @@ def test_bytes_add_up_to_xla_total_and_groups_name_modules(compiled):
   # Charged like XLA's cost model (operands + outputs of each executed op): the same total.
   assert r["bytes"] == pytest.approx(cost["bytes accessed"], rel=0.02)
   groups = {g["group"]: g for g in r["groups"]}
-  # The top module is the autodiff wrapper's argument (`jvp(Toy)`): groups start below it.
-  assert {"conv", "norm", "bwd conv", "bwd norm"} <= set(groups)
+  # The top module is named in the autodiff wrapper (`jvp(Toy)`).
+  assert {"Toy/conv", "Toy/norm", "bwd Toy/conv", "bwd Toy/norm"} <= set(groups)
   # The conv's input-gradient / weight-gradient ops are backward ones.
-  assert groups["bwd conv"]["bytes"] > 0 and groups["conv"]["bytes"] > 0
+  assert groups["bwd Toy/conv"]["bytes"] > 0 and groups["Toy/conv"]["bytes"] > 0
   assert sum(g["bytes"] for g in r["groups"]) == r["bytes"]
   assert r["top"][0]["padded"] >= r["top"][-1]["padded"]
   assert "convolution" in r["opcodes"]
@@ -55,9 +55,10 @@ def test_tile_padding():
 
 def test_model_part():
   name = "jit(train_step)/transpose(jvp(VidTok))/decoder/up_1/block_0/conv1/conv_general_dilated"
-  assert traffic.model_part(name) == "bwd decoder/up_1"
-  assert traffic.model_part(name, depth=3) == "bwd decoder/up_1/block_0"
-  assert traffic.model_part("jit(f)/jvp(VidTok)/encoder/conv_in/add") == "encoder/conv_in"
+  assert traffic.model_part(name) == "bwd VidTok/decoder/up_1"
+  assert traffic.model_part(name, depth=3) == "bwd VidTok/decoder/up_1/block_0"
+  assert traffic.model_part("jit(f)/jvp(VidTok)/encoder/conv_in/add") == "VidTok/encoder/conv_in"
+  assert traffic.model_part("jit(train_step)/optimizer/mul") == "optimizer"
   assert traffic.model_part("") == "(unnamed)"
 
 
@@ -72,7 +73,7 @@ def test_compare_cli(compiled, tmp_path, capsys):
   after.write_text(json.dumps({"traffic": half}))
   assert traffic.main(["compare", str(before), str(after)]) == 0
   out = capsys.readouterr().out
-  assert "bwd conv" in out and "total (0.50x)" in out
+  assert "bwd Toy/conv" in out and "total (0.50x)" in out
   (tmp_path / "c.json").write_text("{}")
   with pytest.raises(SystemExit, match="no plan record"):
     traffic.main(["compare", str(before), str(tmp_path / "c.json")])

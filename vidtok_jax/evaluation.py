@@ -23,8 +23,11 @@ Protocol (the official `inference_evaluate.py`, stated in every result):
 A video that cannot be decoded, or is too short for long mode, is reported under "skipped" with
 the reason; the evaluation goes on.
 
-Speed (none of it changes a number): videos are decoded and resized in a thread pool `PREFETCH`
-videos ahead of the model; "clips" windows of many videos are packed into fixed-shape device
+Memory and speed (none of it changes a number): videos are decoded, sampled and resized as a
+stream (`vidtok_jax.data.frames`) by worker threads, `PREFETCH` videos ahead of the model and a
+few windows each, so host memory holds a bounded number of windows whatever the videos' length
+and resolution (long mode holds each clip at the model's resolution: the streamer takes it
+whole); "clips" windows of many videos are packed into fixed-shape device
 batches (`batch_size` per local device, sharded over all of them, the last batch padded with
 zero-weight rows), and one jitted program reconstructs them and computes PSNR / SSIM / LPIPS and
 the I3D features of real and reconstructed windows on the device, so only the per-frame scores
@@ -36,19 +39,19 @@ per window (`fold_in(PRNGKey(seed), window number)`), so the batch size does not
 """
 
 import collections
-import concurrent.futures
-import dataclasses
 import hashlib
 import logging
 import pickle
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import vidtok_jax
+from vidtok_jax.data import frames as frames_lib
+from vidtok_jax.data.frames import VideoItem, folder_videos, tfds_videos  # noqa: F401 (API)
 from vidtok_jax.data import sampling
 from vidtok_jax.data.sampling import LONG_CHUNK
 from vidtok_jax.metrics.psnr import psnr
@@ -59,54 +62,13 @@ log = logging.getLogger("vidtok_jax.eval")
 
 SEED = 42
 FVD_BATCH = 4  # long mode: I3D clips per call (224x224): one compile per length, bounded memory
-PREFETCH = 3  # videos decoded + resized ahead of the model (thread pool)
+PREFETCH = 3  # videos decoded + resized ahead of the model (worker threads)
 
 
 def default_batch_size(platform: Optional[str] = None) -> int:
   """Windows per device per call: 1 on CPU (the "device" is the host's own cores, which also
   decode), 4 on accelerators (17x256^2 windows with LPIPS and I3D: a few GiB)."""
   return 1 if (platform or jax.default_backend()) == "cpu" else 4
-
-
-@dataclasses.dataclass
-class VideoItem:
-  """One source video: `frames()` -> (uint8 (T, H, W, 3) of the sampled frames, fps) or raises."""
-  path: str
-  load: callable
-  info: dict = dataclasses.field(default_factory=dict)  # filled by `load`, copied to the row
-
-
-def folder_videos(paths, sample_fps: float) -> Iterator[VideoItem]:
-  """VideoItems of video files, decoded with PyAV when used (frames at `sample_fps` from 0)."""
-  from vidtok_jax.data import decode
-
-  for path in paths:
-    meta = {}
-
-    def load(path=path, meta=meta):
-      frames, info = decode(path)
-      # Which video stream was read (FFmpeg's choice), for files with several.
-      meta.update(stream=info.stream, video_streams=info.num_video_streams)
-      ids = np.arange(0, len(frames), sampling.frame_interval(info.fps, sample_fps))
-      return frames[ids], info.fps
-    yield VideoItem(path, load, meta)
-
-
-def tfds_videos(name: str, split: str, data_dir, sample_fps: float) -> Iterator[VideoItem]:
-  """VideoItems of a prepared TFDS dataset's `split` (encoded or raw frames), in storage order."""
-  from vidtok_jax.data import config as data_config_lib
-  from vidtok_jax.data import pipeline
-
-  cfg = data_config_lib.resolve(data_config_lib.data_config(
-      tfds_name=name, tfds_data_dir=data_dir, eval_split=split, eval_sample_fps=sample_fps))
-  for _, ex in pipeline._eval_videos(cfg, 0, 1):  # pylint: disable=protected-access
-    def load(ex=ex):
-      ids = np.arange(0, len(ex["frames"]), sampling.frame_interval(ex["fps"], sample_fps))
-      sel = pipeline._select(ex["frames"], ids)  # pylint: disable=protected-access
-      if not (isinstance(sel, np.ndarray) and sel.dtype == np.uint8):
-        sel = pipeline.decode_frames(sel).numpy()
-      return np.asarray(sel), ex["fps"]
-    yield VideoItem(str(ex["path"]), load)
 
 
 def params_sha256(params) -> str:
@@ -290,41 +252,78 @@ class Evaluator:
     parts = [pickle.loads(b[:int(n)].tobytes()) for b, n in zip(blobs, np.ravel(sizes))]
     return self.merge(parts)
 
-  def _prepare(self, item: VideoItem):
-    """Host work of one video (thread pool): decode, resize, windows. `("ok", fields)` or
-    `("skip", entry)`."""
+  def _skip(self, item, reason: str, message: str) -> tuple:
+    log.warning("skip %s: %s", item.path, message)
+    return "skip", {"path": item.path, "reason": reason, "message": message}
+
+  def _events(self, item: VideoItem):
+    """Host work of one video (a worker thread) as a stream: decode, resize and cut windows as
+    frames arrive. Clips mode: `("window", clip)` per window, then `("end", fields)`; long mode:
+    one `("long", fields)` (the streamer takes the clip whole). `("skip", entry)` instead of the
+    rest when the video cannot be used; a file damaged midway says so after some windows."""
     try:
-      raw, fps = item.load()
+      source = frames_lib.open_frames(item)
     except Exception as e:  # unreadable / corrupt: report it, go on with the rest
-      reason = getattr(e, "reason", type(e).__name__)
-      log.warning("skip %s: %s", item.path, e)
-      return "skip", {"path": item.path, "reason": reason, "message": str(e)}
-    x01 = sampling.resize_short_side_and_center_crop(raw, self.size)
-    w = windows(x01, self.num_frames, self.mode, self.causal)
-    if w is None:
-      need = f"> {sampling.LONG_CHUNK}" if self.causal else f">= {sampling.LONG_CHUNK}"
-      msg = f"{len(x01)} frames at {self.sample_fps:g} fps; long mode needs {need}"
-      log.warning("skip %s: %s", item.path, msg)
-      return "skip", {"path": item.path, "reason": "too_short", "message": msg}
-    if self.mode == "clips" and len(x01) < self.num_frames:
-      log.warning("%s: %d frames, shorter than one %d-frame window; padded by repeating the "
-                  "last frame", item.path, len(x01), self.num_frames)
-    clips, valid = w
-    return "ok", {"path": item.path, "fps": fps, "frames": int(len(x01)), "clips": clips,
-                  "valid": valid, "meta": dict(getattr(item, "info", {}))}
+      yield self._skip(item, getattr(e, "reason", type(e).__name__), str(e))
+      return
+    try:
+      x01 = frames_lib.resized(source, self.size)
+      if self.mode == "long":
+        clip, n = frames_lib.long_clip(x01, self.causal)
+        if clip is None:
+          need = f"> {sampling.LONG_CHUNK}" if self.causal else f">= {sampling.LONG_CHUNK}"
+          yield self._skip(item, "too_short", f"{n} frames at {self.sample_fps:g} fps; long "
+                           f"mode needs {need}")
+          return
+        yield "long", {"path": item.path, "fps": source.fps, "frames": n, "clips": clip,
+                       "valid": np.ones(clip.shape[:2], bool),
+                       "meta": dict(getattr(item, "info", {}))}
+        return
+      windows_ = frames_lib.Windows(x01, self.num_frames)
+      valid = []
+      for clip, n_valid in windows_:
+        valid.append(n_valid)
+        yield "window", clip
+      n = windows_.frames
+      if not n:
+        yield self._skip(item, "no_frames", "no frames")
+        return
+      if n < self.num_frames:
+        log.warning("%s: %d frames, shorter than one %d-frame window; padded by repeating the "
+                    "last frame", item.path, n, self.num_frames)
+      yield "end", {"path": item.path, "fps": source.fps, "frames": n,
+                    "valid": np.arange(self.num_frames)[None] < np.asarray(valid)[:, None],
+                    "meta": dict(getattr(item, "info", {}))}
+    except frames_lib.SourceError as e:  # damaged midway: the windows already sent are dropped
+      yield self._skip(item, e.reason, str(e))
+    finally:
+      source.close()
+
+  def _prepare(self, item: VideoItem):
+    """All host work of one video at once (`benchmarks/inference.py` times it): `("ok", fields)`
+    with the video's `clips` stacked, or `("skip", entry)`."""
+    clips = []
+    for kind, x in self._events(item):
+      if kind == "window":
+        clips.append(x)
+      elif kind == "end":
+        return "ok", dict(x, clips=np.stack(clips))
+      else:
+        return kind if kind == "skip" else "ok", x
+    raise AssertionError("unreachable: _events ends with end, long or skip")
 
   def _prepared(self, videos):
-    """`(index, kind, fields)` per video in order, decoded `PREFETCH` videos ahead in threads."""
-    with concurrent.futures.ThreadPoolExecutor(max(PREFETCH, 1)) as pool:
-      pending = collections.deque()
-      for i, item in videos:
-        pending.append((i, pool.submit(self._prepare, item)))
-        if len(pending) > PREFETCH:
-          i0, fut = pending.popleft()
-          yield (i0, *fut.result())
-      while pending:
-        i0, fut = pending.popleft()
-        yield (i0, *fut.result())
+    """`(index, events)` per video in order (`_events`, each read to its end before the next);
+    PREFETCH videos are decoded ahead in threads, each a few windows ahead of the model, so
+    host memory holds a bounded number of windows whatever the videos' lengths."""
+    depth = max(2, min(self.batch_size * self.n_dev, 8))
+    feeds = frames_lib.prefetch([lambda item=item: self._events(item) for _, item in videos],
+                                PREFETCH, depth)
+    try:
+      for (i, _), events in zip(videos, feeds):
+        yield i, events
+    finally:
+      feeds.close()
 
   def run_shard(self, videos: Iterable[VideoItem], shard: tuple = (0, 1),
                 progress: bool = True) -> dict:
@@ -339,15 +338,6 @@ class Evaluator:
     rows, skipped, emb = {}, [], {}
     timing = collections.Counter()
     bar = tqdm(total=len(videos), desc="eval", unit="video", disable=not progress)
-    # KL keys: today's numbering, windows counted over this run's videos in order (one shard:
-    # all videos; several: each video's windows numbered from video_index * 2**20).
-    counter = [0]
-
-    def first_window(i, k):
-      if count == 1:
-        counter[0] += k
-        return counter[0] - k
-      return i << 20
 
     def finish(i, info, scores, emb_pair):
       weight = np.ones_like(info["valid"]) if self.score_padded else info["valid"]
@@ -363,38 +353,53 @@ class Evaluator:
         emb[i] = emb_pair
       bar.update(1)
 
-    t_wait = time.monotonic()
-    if self.mode == "long":
-      for i, kind, info in self._prepared(videos):
-        timing["host_wait"] += time.monotonic() - t_wait
-        if kind == "skip":
-          skipped.append((i, info))
-          bar.update(1)
-        else:
-          t1 = time.monotonic()
-          scores, recon = self._reconstruct_long(info["clips"], first_window(i, 1))
-          pair = None
-          if self.fvd:
-            pair = (self._embed(info["clips"]), self._embed(recon))
-          timing["device"] += time.monotonic() - t1
-          finish(i, info, scores, pair)
-        t_wait = time.monotonic()
-    else:
-      self._run_clips(self._prepared(videos), first_window, finish, skipped, bar, timing)
+    def skip(i, entry):
+      skipped.append((i, entry))
+      bar.update(1)
+
+    feeds = self._prepared(videos)
+    prepared = ((i, _timed(events, timing)) for i, events in feeds)
+    try:
+      self._consume(prepared, count, finish, skip, timing, rows)
+    finally:
+      feeds.close()  # an error above: the decoding threads stop now
     bar.close()
     return {"rows": sorted(rows.items()), "skipped": sorted(skipped, key=lambda s: s[0]),
             "emb": sorted(emb.items()), "seconds": time.monotonic() - t0,
             "timing": dict(timing)}
 
-  def _run_clips(self, prepared, first_window, finish, skipped, bar, timing):
+  def _consume(self, prepared, count, finish, skip, timing, rows):
+    if self.mode == "long":
+      for i, events in prepared:
+        for kind, info in events:
+          if kind == "skip":
+            skip(i, info)
+            continue
+          t1 = time.monotonic()
+          # KL keys: one per video, numbered over this run's videos (one shard: the videos
+          # done so far), else by video index.
+          scores, recon = self._reconstruct_long(info["clips"], len(rows) if count == 1
+                                                 else i << 20)
+          pair = None
+          if self.fvd:
+            pair = (self._embed(info["clips"]), self._embed(recon))
+          timing["device"] += time.monotonic() - t1
+          finish(i, info, scores, pair)
+    else:
+      self._run_clips(prepared, count, finish, skip, timing)
+
+  def _run_clips(self, prepared, count, finish, skip, timing):
     """Clips mode: windows of consecutive videos packed into fixed batches of
-    `batch_size * devices` rows; batch k+1 is dispatched before batch k's results are read."""
+    `batch_size * devices` rows as they are decoded; batch k+1 is dispatched before batch k's
+    results are read. KL keys: windows numbered over this run's videos in order (one shard),
+    else from `video index * 2**20`; a video dropped midway gives its numbers back."""
     b = self.batch_size * self.n_dev
     h, w = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
     shape = (b, self.num_frames, h, w, 3)
-    open_videos = {}  # index -> [info, windows left, score rows, real emb, fake emb]
+    open_videos = {}  # index -> _OpenVideo
     rows_x, rows_id, rows_of = [], [], []  # the batch being packed
     in_flight = None
+    next_id = 0
 
     def collect(done):
       out, owners = done
@@ -403,19 +408,15 @@ class Evaluator:
       timing["device"] += time.monotonic() - t1
       for r, (i, j) in enumerate(owners):
         v = open_videos[i]
-        v[2][j] = {n: out[n][r] for n in out if not n.startswith("emb_")}
-        if self.fvd:
-          v[3][j], v[4][j] = out["emb_real"][r], out["emb_fake"][r]
-        v[1] -= 1
-        if v[1] == 0:
-          info, _, sc, er, ef = open_videos.pop(i)
-          k = len(sc)
-          scores = {n: np.stack([sc[j][n] for j in range(k)]) for n in sc[0]}
-          pair = None
+        v.received += 1
+        if not v.dropped:
+          v.scores[j] = {n: out[n][r] for n in out if not n.startswith("emb_")}
           if self.fvd:
-            pair = (np.stack([er[j] for j in range(k)]).astype(np.float64),
-                    np.stack([ef[j] for j in range(k)]).astype(np.float64))
-          finish(i, info, scores, pair)
+            v.real[j], v.fake[j] = out["emb_real"][r], out["emb_fake"][r]
+        if v.complete():
+          open_videos.pop(i)
+          if not v.dropped:
+            v.finish(i, finish, self.fvd)
 
     def dispatch():
       nonlocal in_flight
@@ -436,29 +437,35 @@ class Evaluator:
       in_flight = (out, list(rows_of))
       rows_x.clear(), rows_id.clear(), rows_of.clear()
 
-    t_wait = time.monotonic()
-    for i, kind, info in prepared:
-      timing["host_wait"] += time.monotonic() - t_wait
-      if kind == "skip":
-        skipped.append((i, info))
-        bar.update(1)
-        t_wait = time.monotonic()
-        continue
-      clips = info.pop("clips")
-      k = len(clips)
-      start = first_window(i, k)
-      open_videos[i] = [info, k, {}, {}, {}]
-      for j in range(k):
-        rows_x.append(clips[j])
-        rows_id.append(start + j)
-        rows_of.append((i, j))
-        if len(rows_x) == b:
-          dispatch()
-      t_wait = time.monotonic()
+    for i, events in prepared:
+      v = open_videos[i] = _OpenVideo(first_id=next_id if count == 1 else i << 20)
+      for kind, x in events:
+        if kind == "window":
+          rows_x.append(x)
+          rows_id.append(v.first_id + v.sent)
+          rows_of.append((i, v.sent))
+          v.sent += 1
+          next_id += count == 1
+          if len(rows_x) == b:
+            dispatch()
+        elif kind == "end":
+          v.info = x
+        else:  # skip: nothing of this video is scored; its packed windows leave the batch
+          skip(i, x)
+          v.dropped = True
+          while rows_of and rows_of[-1][0] == i:
+            rows_x.pop(), rows_id.pop(), rows_of.pop()
+            v.sent -= 1
+          next_id = v.first_id if count == 1 else next_id
+      if v.complete():  # nothing in flight (no windows, or all already collected)
+        open_videos.pop(i)
+        if not v.dropped:
+          v.finish(i, finish, self.fvd)
     if rows_x:
       dispatch()
     if in_flight is not None:
       collect(in_flight)
+
 
   def merge(self, parts) -> dict:
     """The result dict of `run_shard` parts (any order): per-video rows in video order,
@@ -526,6 +533,42 @@ class Evaluator:
     outs = jax.device_get(outs)
     out = {n: np.concatenate([o[n] for o in outs]) for n in outs[0]}
     return {n: v.reshape(1, -1)[:, :t] for n, v in out.items()}, recon.astype(np.float32)
+
+
+class _OpenVideo:
+  """A video whose windows are on their way through the clips loop."""
+
+  def __init__(self, first_id: int):
+    self.first_id, self.sent, self.received = first_id, 0, 0
+    self.info, self.dropped = None, False
+    self.scores, self.real, self.fake = {}, {}, {}
+
+  def complete(self) -> bool:
+    """Every window's result is back and the video's stream has ended (or was dropped)."""
+    return (self.info is not None or self.dropped) and self.received == self.sent
+
+  def finish(self, i, finish, fvd: bool):
+    k = self.sent
+    scores = {n: np.stack([self.scores[j][n] for j in range(k)]) for n in self.scores[0]}
+    pair = None
+    if fvd:
+      pair = (np.stack([self.real[j] for j in range(k)]).astype(np.float64),
+              np.stack([self.fake[j] for j in range(k)]).astype(np.float64))
+    finish(i, self.info, scores, pair)
+
+
+def _timed(events, timing):
+  """`events`, the seconds spent waiting for each added to `timing["host_wait"]`."""
+  it = iter(events)
+  while True:
+    t = time.monotonic()
+    try:
+      item = next(it)
+    except StopIteration:
+      return
+    finally:
+      timing["host_wait"] += time.monotonic() - t
+    yield item
 
 
 def format_table(result: dict) -> str:

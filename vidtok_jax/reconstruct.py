@@ -24,6 +24,7 @@ Tokens files (`save_tokens`) are `.npz`: `indices` int32 `(K, t, h, w)` (FSQ) or
 `num_input_frames`, `source`), loadable without pickle.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import fractions
@@ -36,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidtok_jax.data import decode as decode_video
+from vidtok_jax.data import frames as frames_lib
 from vidtok_jax.data import sampling
+from vidtok_jax.data.decode import FrameStream
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.models.autoencoder import output_frames
 from vidtok_jax.safe_write import atomic_path, refuse_existing, write_text
@@ -112,18 +114,32 @@ def load_video(path, size, sample_fps: float = 30.0):
 
   `size`: (h, w) or an int. `info`: dict(path, fps, num_source_frames, frame_interval). Raises
   `VideoDecodeError` (a ValueError whose message starts with the path and says why) for a file
-  that cannot be decoded.
+  that cannot be decoded. Decoded as a stream (`decode.FrameStream`): only the sampled frames,
+  at `size`, are held.
   """
   if sample_fps <= 0:
     raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
-  frames, info = decode_video(path)
-  warn_lossy_crop(info.path, info.height, info.width, size)
-  interval = sampling.frame_interval(info.fps, sample_fps) if info.fps > 0 else 1
-  frames = frames[::interval]  # frame ids 0, d, 2d, ... (official)
-  frames01 = sampling.resize_short_side_and_center_crop(frames, size)
-  return frames01, dict(path=info.path, fps=info.fps, num_source_frames=info.num_frames,
-                        frame_interval=interval, source_size=[info.height, info.width],
-                        stream=info.stream, video_streams=info.num_video_streams)
+  with FrameStream(path, sample_fps=sample_fps) as stream, _decode_errors():
+    warn_lossy_crop(stream.path, stream.info.height, stream.info.width, size)
+    frames01 = np.concatenate(list(frames_lib.resized(stream, size)))
+  return frames01, _info(stream)
+
+
+@contextlib.contextmanager
+def _decode_errors():
+  """A file damaged midway raises its VideoDecodeError, as one found on opening does."""
+  try:
+    yield
+  except frames_lib.SourceError as e:
+    raise e.original() from None
+
+
+def _info(stream) -> dict:
+  """`load_video`'s info of a FrameStream read to its end."""
+  info = stream.info
+  return dict(path=info.path, fps=info.fps, num_source_frames=info.num_frames,
+              frame_interval=stream.interval, source_size=[info.height, info.width],
+              stream=info.stream, video_streams=info.num_video_streams)
 
 
 def split_windows(frames, num_frames: int, what: str = "the video", hint: str = "") -> np.ndarray:
@@ -200,6 +216,46 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm(total=total, desc=desc, unit="window", disable=not enabled, leave=False)
 
 
+def _reconstruct_batches(model, params, batches, seed: int, batch_size: int):
+  """`(lo, x)` batches of consecutive windows (at most `batch_size`, `lo` the first window's
+  number) -> `(lo, hi, x, recon01, tokens)` per batch, through the official forward. Every call
+  has `batch_size` rows (the last batch padded) unless the first batch is also the last, which
+  runs as it is. Batch k+1 is dispatched before batch k is read back."""
+  fn = _forward_fn(model)
+  pending = None
+
+  def fetch(pending):
+    (lo, x), out = pending
+    r, t = jax.device_get(out)
+    return lo, lo + len(x), x, r[:len(x)], t[:len(x)]
+
+  batches = iter(batches)
+  nxt = next(batches, None)
+  while nxt is not None:
+    lo, x = nxt
+    nxt = next(batches, None)
+    rows = len(x) if lo == 0 and nxt is None else batch_size
+    ids = _pad_rows(np.arange(lo, lo + len(x), dtype=np.int32), rows)
+    cur = (lo, x), fn(params, _pad_rows(x, rows), ids, seed)
+    if pending is not None:
+      yield fetch(pending)
+    pending = cur
+  if pending is not None:
+    yield fetch(pending)
+
+
+def _batched(windows, batch_size: int):
+  """Windows (an iterable) -> `(lo, stacked float32 windows)` batches of `batch_size`."""
+  batch, lo = [], 0
+  for w in windows:
+    batch.append(w)
+    if len(batch) == batch_size:
+      yield lo, np.stack(batch).astype(np.float32, copy=False)
+      lo, batch = lo + len(batch), []
+  if batch:
+    yield lo, np.stack(batch).astype(np.float32, copy=False)
+
+
 def reconstruct_windows(model, params, windows01, seed: int = SEED, batch_size: int = 1,
                         progress: bool = False, on_batch=None):
   """`windows01 (K, T, H, W, 3)` in [0, 1] -> `(recon01 (K, T, H, W, 3) float32 in [0, 1],
@@ -212,28 +268,16 @@ def reconstruct_windows(model, params, windows01, seed: int = SEED, batch_size: 
   windows01 = np.asarray(windows01, np.float32)
   k = len(windows01)
   batch_size = max(1, min(batch_size, k))
-  fn = _forward_fn(model)
   recon, tokens = [], []
   bar = _progress(k, "reconstruct", progress)
-
-  def collect(pending):
-    (lo, hi), (r, t) = pending
-    r, t = jax.device_get((r, t))
-    recon.append(r[:hi - lo])
-    tokens.append(t[:hi - lo])
+  batches = ((lo, windows01[lo:hi]) for lo, hi in _chunks(k, batch_size))
+  for lo, hi, _, r, t in _reconstruct_batches(model, params, batches, seed, batch_size):
+    recon.append(r)
+    tokens.append(t)
     if on_batch is not None:
-      on_batch(lo, hi, recon[-1])
+      on_batch(lo, hi, r)
     if bar is not None:
       bar.update(hi - lo)
-
-  pending = None
-  for lo, hi in _chunks(k, batch_size):
-    ids = _pad_rows(np.arange(lo, hi, dtype=np.int32), batch_size)
-    cur = (lo, hi), fn(params, _pad_rows(windows01[lo:hi], batch_size), ids, seed)
-    if pending is not None:
-      collect(pending)
-    pending = cur
-  collect(pending)
   if bar is not None:
     bar.close()
   return np.concatenate(recon), np.concatenate(tokens)
@@ -559,9 +603,11 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   Existing outputs (`output_paths`) are refused (`OutputExistsError`) before any work unless
   `force`; each file is written under a temporary name and renamed when complete.
 
-  `long`: None for official windows; a dict of `reconstruct_long` options (possibly empty) to
-  stream the whole video instead (all its frames come back). Returns a summary dict (paths
-  written, window counts, mean PSNR).
+  Windows (`long` None) are decoded, resized, reconstructed and written batch by batch, so host
+  memory holds a few batches whatever the video's length. `long`: a dict of `reconstruct_long`
+  options (possibly empty) to stream the whole video instead (all its frames come back; the
+  streamer takes the sampled clip whole, at `size`). Returns a summary dict (paths written,
+  window counts, mean PSNR).
   """
   h, w = (size, size) if isinstance(size, int) else tuple(size)
   num_frames = num_frames or default_num_frames(model.config)
@@ -572,44 +618,58 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
   else:
     check_window(model.config, 1 + model.config.time_downsample_factor if model.config.causal
                  else model.config.time_downsample_factor, h, w)
-  frames01, info = load_video(input_path, (h, w), sample_fps)
-  interval = info["frame_interval"]
-  if long is not None:  # the whole video, streamed
-    recon, tokens = reconstruct_long(model.config, params, frames01, progress=progress, **long)
-    windows, inp, num_frames = recon[None], frames01, len(frames01)
-  else:
-    windows = split_windows(
-        frames01, num_frames, what=f"{info['path']} (at sample_fps {sample_fps:g}: every "
-        f"{interval} of {info['num_source_frames']} frames)",
-        hint="a shorter --num_frames" + (" or a higher --sample_fps" if interval > 1 else ""))
-    inp = windows.reshape((-1,) + windows.shape[2:])
+  if sample_fps <= 0:
+    raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
   stem = _stem(input_path)
-  os.makedirs(output_dir, exist_ok=True)
   out = {k: os.path.join(output_dir, f"{stem}_{k}")
          for k in ("recon.mp4", "side_by_side.mp4", "psnr.png", "psnr.json", "tokens.npz")}
-  if long is None:
-    recon, tokens = _reconstruct_writing(model, params, windows, seed, batch_size, progress,
-                                         out, concat_input, sample_fps)
-  else:
+  if long is not None:  # the whole video, streamed through the model
+    frames01, info = load_video(input_path, (h, w), sample_fps)
+    recon, tokens = reconstruct_long(model.config, params, frames01, progress=progress, **long)
+    num_windows, num_input, num_output, num_frames = 1, len(frames01), len(recon), len(frames01)
+    os.makedirs(output_dir, exist_ok=True)
     recon_u8 = to_uint8(recon)
     write_video(out["recon.mp4"], recon_u8, sample_fps)
     if concat_input:
-      write_video(out["side_by_side.mp4"], side_by_side(to_uint8(inp), recon_u8), sample_fps)
-  recon = recon.reshape(inp.shape)
-  values = psnr_per_frame(inp, recon)
+      write_video(out["side_by_side.mp4"], side_by_side(to_uint8(frames01), recon_u8), sample_fps)
+    values = psnr_per_frame(frames01, recon)
+    del frames01, recon, recon_u8
+  else:
+    with FrameStream(input_path, sample_fps=sample_fps) as stream, _decode_errors():
+      warn_lossy_crop(stream.path, stream.info.height, stream.info.width, (h, w))
+      windows = frames_lib.Windows(frames_lib.resized(stream, (h, w)), num_frames,
+                                   pad_last=False)
+      stated = stream.stated_frames // stream.interval // num_frames
+      values, tokens = _reconstruct_writing(model, params, (x for x, _ in windows), seed,
+                                            batch_size, progress, out, concat_input, sample_fps,
+                                            total=stated or None)
+    info = _info(stream)
+    num_input = windows.frames
+    num_windows = len(tokens)
+    num_output = num_windows * num_frames
+    what = (f"{info['path']} (at sample_fps {sample_fps:g}: every {info['frame_interval']} of "
+            f"{info['num_source_frames']} frames)")
+    if not num_windows:  # nothing was written
+      hint = "a shorter --num_frames" + (" or a higher --sample_fps"
+                                         if info["frame_interval"] > 1 else "")
+      raise ValueError(f"{what} has {num_input} sampled frame(s); one window needs "
+                       f"{num_frames} ({hint})")
+    if num_input > num_output:
+      log.info("%s: dropping the last %d of %d frames (incomplete window, as official)", what,
+               num_input - num_output, num_input)
   mean = float(np.mean(values))
   fsq = model.config.regularizer == "fsq"
   latent = "FSQ codes" if fsq else (
       "KL posterior mode" if long is not None else
       f"sampled KL latent (seed {seed}, fold_in per window)")
-  plot_psnr(out["psnr.png"], values, f"{stem}: {variant}, {h}x{w}, {len(windows)} x "
+  plot_psnr(out["psnr.png"], values, f"{stem}: {variant}, {h}x{w}, {num_windows} x "
             f"{num_frames} frames — mean PSNR {mean:.2f} dB", window=num_frames)
   summary = dict(input=info["path"], variant=variant, size=[h, w], sample_fps=sample_fps,
                  frame_interval=info["frame_interval"], source_fps=info["fps"],
-                 num_source_frames=info["num_source_frames"], num_input_frames=len(frames01),
+                 num_source_frames=info["num_source_frames"], num_input_frames=num_input,
                  stream=info["stream"], video_streams=info["video_streams"],
-                 num_frames=num_frames, num_windows=len(windows), num_output_frames=len(recon),
-                 dropped_frames=len(frames01) - len(recon), latent=latent, seed=seed,
+                 num_frames=num_frames, num_windows=num_windows, num_output_frames=num_output,
+                 dropped_frames=num_input - num_output, latent=latent, seed=seed,
                  psnr_definition="-10 log10(mse + 1e-8) per frame, [0,1], clamped float recon",
                  mean=mean, psnr=[float(v) for v in values])
   if long is not None:
@@ -620,7 +680,7 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
     extra = {} if long is None else dict(long_video=np.int32(1), t_chunk_enc=np.int32(
         long.get("t_chunk_enc", 16)), use_overlap=np.int32(long.get("use_overlap", True)))
     save_tokens(out["tokens.npz"], tokens, variant=variant, fps=sample_fps, size=(h, w),
-                num_frames=num_frames, num_input_frames=len(frames01), source=info["path"],
+                num_frames=num_frames, num_input_frames=num_input, source=info["path"],
                 **extra)
   written = [out["recon.mp4"]] + ([out["side_by_side.mp4"]] if concat_input else []) + [
       out["psnr.png"], out["psnr.json"]] + ([out["tokens.npz"]] if save else [])
@@ -628,34 +688,49 @@ def run_video(model, params, input_path, output_dir, *, variant: str, size=(256,
 
 
 def _reconstruct_writing(model, params, windows, seed, batch_size, progress, out, concat_input,
-                         fps):
-  """`reconstruct_windows`, with each batch's frames H.264-encoded into the output videos on a
-  writer thread while the device reconstructs the next batches (the encoder releases the GIL)."""
-  h, w = windows.shape[2:4]
+                         fps, total=None):
+  """Windows `(T, H, W, 3)` in [0, 1] (any iterable: a stream, or an array's rows) through the
+  official forward, `batch_size` per call, each batch's frames H.264-encoded into the output
+  videos on a writer thread while the device reconstructs the next batches (the encoder
+  releases the GIL). At most two batches wait for the writer, so memory does not grow with the
+  video. The files (and their folder) are created with the first batch. Returns (per-frame PSNR
+  float64 (K * T,), tokens (K, ...)), both empty when there is no window."""
+  flat = lambda v: v.reshape((-1,) + v.shape[2:])  # noqa: E731  windows -> frames
+  bar = _progress(total, "reconstruct", progress)
+  values, tokens = [], []
   with contextlib.ExitStack() as stack:
-    recon_w = stack.enter_context(VideoWriter(out["recon.mp4"], h, w, fps))
-    side_w = (stack.enter_context(VideoWriter(out["side_by_side.mp4"], h, 2 * w, fps))
-              if concat_input else None)
-    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
-    writes = []
+    writes, pool = collections.deque(), None
+    batches = _reconstruct_batches(model, params, _batched(windows, batch_size), seed,
+                                   batch_size)
+    for lo, hi, x, r, t in batches:
+      if pool is None:  # writers first: leaving the stack joins the pool before they close
+        h, w = x.shape[2:4]
+        os.makedirs(os.path.dirname(out["recon.mp4"]) or ".", exist_ok=True)
+        recon_w = stack.enter_context(VideoWriter(out["recon.mp4"], h, w, fps))
+        side_w = (stack.enter_context(VideoWriter(out["side_by_side.mp4"], h, 2 * w, fps))
+                  if concat_input else None)
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
 
-    def write(lo, hi, recon01):
-      def job():
-        r = to_uint8(recon01.reshape((-1,) + recon01.shape[2:]))
+      def job(x=x, r=r):
+        r = to_uint8(flat(r))
         recon_w.write(r)
         if side_w is not None:
-          x = to_uint8(windows[lo:hi].reshape(r.shape[:1] + windows.shape[2:]))
-          side_w.write(side_by_side(x, r))
-      for f in writes:  # a failed write surfaces at the next batch, not at the end
-        if f.done():
-          f.result()
-      writes.append(pool.submit(job))
+          side_w.write(side_by_side(to_uint8(flat(x)), r))
 
-    recon, tokens = reconstruct_windows(model, params, windows, seed, batch_size, progress,
-                                        on_batch=write)
-    for f in writes:
-      f.result()  # in order; an encoder error raises here and the writers discard their files
-  return recon, tokens
+      values.append(psnr_per_frame(flat(x), flat(r)))
+      tokens.append(t)
+      while writes and (writes[0].done() or len(writes) >= 2):  # errors surface early
+        writes.popleft().result()
+      writes.append(pool.submit(job))
+      if bar is not None:
+        bar.update(hi - lo)
+    while writes:
+      writes.popleft().result()  # in order; an encoder error raises here: files discarded
+  if bar is not None:
+    bar.close()
+  if not tokens:
+    return np.zeros((0,)), np.zeros((0,))
+  return np.concatenate(values), np.concatenate(tokens)
 
 
 def run_tokens(model, params, tokens_path, output_dir, *, variant: str, batch_size: int = 1,

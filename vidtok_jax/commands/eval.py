@@ -128,9 +128,12 @@ def main(argv):
   params = load_init_params(cli_flags.weights_source(kind, source), config,
                             use_ema=FLAGS.use_ema, details=loaded)
   i3d, fvd_skipped = _i3d_or_none() if FLAGS.fvd else (None, None)
+  # Resolved once, for the evaluation and the FSQ rate pass alike.
+  batch_size = (evaluation.default_batch_size() if FLAGS.batch_size is None
+                else FLAGS.batch_size)
   ev = evaluation.Evaluator(config, params, lpips_net=None if FLAGS.lpips_net == "none"
                             else FLAGS.lpips_net, fvd=i3d is not None,
-                            batch_size=FLAGS.batch_size,
+                            batch_size=batch_size,
                             sample_posterior=FLAGS.sample_posterior, mode=FLAGS.mode,
                             score_padded_frames=FLAGS.score_padded_frames, i3d_variables=i3d)
   videos = list(videos)[:FLAGS.max_videos or None]
@@ -144,7 +147,7 @@ def main(argv):
     from vidtok_jax.metrics.rate import format_rate
     from vidtok_jax.tokenize import TokenizeJob
 
-    job = TokenizeJob(config, params, None, mode=FLAGS.mode, batch_size=FLAGS.batch_size)
+    job = TokenizeJob(config, params, None, mode=FLAGS.mode, batch_size=batch_size)
     result["rate"] = job.rate_of(videos, progress=True)
   result["protocol"].update(data, checkpoint=(
       cli_flags.weights_source(kind, source) if kind == "pretrained" else os.path.abspath(source)),

@@ -1,4 +1,5 @@
-"""Video decoding with PyAV: whole clips as uint8 RGB, or cheap metadata; clear errors otherwise.
+"""Video decoding with PyAV: frames streamed (or whole clips) as uint8 RGB, or cheap metadata;
+clear errors otherwise.
 
 The training loader of the original (SPEC §8) trains silently on a black frame when a file fails
 to decode. Here every unusable file raises `VideoDecodeError` with a short `reason` code and a
@@ -314,10 +315,109 @@ def _scaled_size(h: int, w: int, max_short_side: int | None) -> tuple[int, int]:
   return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+# Decoded uint8 bytes per chunk a FrameStream yields (at most CHUNK frames): 1080p RGB frames
+# are 6 MB each, so a chunk stays small whatever the resolution.
+CHUNK = 16
+_CHUNK_BYTES = 64 << 20
+
+
+class FrameStream:
+  """The frames of one video, decoded as they are read: the one decode path of `decode`, the
+  evaluation, reconstruction and tokenization (none of which holds a whole video any more).
+
+      with FrameStream(path, sample_fps=30) as s:
+        s.fps, s.interval                # known at once
+        for chunk in s:                  # uint8 (n, H, W, 3) RGB, display orientation
+          ...
+        s.info                           # VideoInfo; num_frames exact once exhausted
+
+  Opening reads the container and decodes the first frame, so every error `decode` raises for
+  an unopenable, too small or undecodable file is raised here; a file that fails later
+  ("truncated") raises VideoDecodeError from the iteration, after the frames before the damage.
+  `sample_fps`: keep only frames 0, d, 2d, ... with d = `sampling.frame_interval(fps,
+  sample_fps)` (1 when the container states no rate); frames skipped are decoded (the stream
+  must decode to the end to be valid) but never converted to RGB. `max_short_side` and
+  `min_side` as `decode`. Chunks hold at most CHUNK frames and about 64 MB.
+  """
+
+  def __init__(self, path, *, sample_fps: float | None = None,
+               max_short_side: int | None = None, min_side: int = 16):
+    from vidtok_jax.data import sampling  # pylint: disable=import-outside-toplevel
+
+    self._container, self._file, self._stream = _open(path)
+    try:
+      self.path = printable_path(path)
+      self.fps = _fps(self._stream)
+      self.interval = (sampling.frame_interval(self.fps, sample_fps)
+                       if sample_fps and self.fps > 0 else 1)
+      self._frames = _iter_frames(path, self._container, self._stream)
+      first = next(self._frames)  # _iter_frames raises rather than end with no frame
+      _check_size(path, first.height, first.width, min_side)
+      self._op = _display_op(first)
+      self._size = _scaled_size(first.height, first.width, max_short_side)
+      h, w = self._size if _ROTATION[self._op] in (0, 180) else self._size[::-1]
+      self.decoded = 0  # source frames decoded so far
+      self.stated_frames = max(int(self._stream.frames or 0), 0)  # the container's count, or 0
+      self.info = VideoInfo(self.path, self.fps, 0, h, w, _ROTATION[self._op],
+                            self._stream.codec_context.name, first.format.name,
+                            self._stream.index, len(self._container.streams.video))
+      self._first = first
+      self._chunk = max(1, min(CHUNK, _CHUNK_BYTES // (3 * h * w)))
+      self.done = False
+    except BaseException:
+      self.close()
+      raise
+
+  def _rgb(self, frame) -> np.ndarray:
+    # Fixed output size also guards against mid-stream resolution changes.
+    return frame.to_ndarray(format="rgb24", height=self._size[0], width=self._size[1],
+                            interpolation="AREA" if self._size != (frame.height, frame.width)
+                            else None)
+
+  def __iter__(self):
+    out = []
+    try:
+      frames = self._frames
+      if self._first is not None:
+        frames = _chain_first(self._first, frames)
+        self._first = None
+      for frame in frames:
+        if self.decoded % self.interval == 0:
+          out.append(self._rgb(frame))
+        self.decoded += 1
+        if len(out) == self._chunk:
+          yield np.ascontiguousarray(_orient(np.stack(out), self._op))
+          out = []
+      if out:
+        yield np.ascontiguousarray(_orient(np.stack(out), self._op))
+      self.done = True
+      self.info = dataclasses.replace(self.info, num_frames=self.decoded)
+    finally:
+      self.close()
+
+  def close(self):
+    frames = getattr(self, "_frames", None)
+    if frames is not None:
+      frames.close()
+    self._container.close()
+    self._file.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _chain_first(first, rest):
+  yield first
+  yield from rest
+
+
 def decode(path, *, max_short_side: int | None = None,
            min_side: int = 16) -> tuple[np.ndarray, VideoInfo]:
   """Every frame of the video stream FFmpeg picks (`select_stream`) as `uint8 (T, H, W, 3)` RGB
-  in display orientation.
+  in display orientation (a `FrameStream` read to the end; prefer the stream for long videos).
 
   `max_short_side`: downscale (swscale area averaging, i.e. antialiased; aspect kept, sizes
   rounded) so that the shorter side is at most this; never upscales. Scaling happens per frame
@@ -326,28 +426,9 @@ def decode(path, *, max_short_side: int | None = None,
   height/width are those of the returned frames, `num_frames` their exact count.
   Raises VideoDecodeError.
   """
-  container, f, stream = _open(path)
-  try:
-    out, op, rotation, size, first = [], "none", 0, None, None
-    for frame in _iter_frames(path, container, stream):
-      if first is None:
-        first = frame
-        _check_size(path, frame.height, frame.width, min_side)
-        op = _display_op(frame)
-        rotation = _ROTATION[op]
-        size = _scaled_size(frame.height, frame.width, max_short_side)
-      # Fixed output size also guards against mid-stream resolution changes.
-      out.append(frame.to_ndarray(format="rgb24", height=size[0], width=size[1],
-                                  interpolation="AREA" if size != (frame.height, frame.width)
-                                  else None))
-    video = _orient(np.stack(out), op)
-    info = VideoInfo(printable_path(path), _fps(stream), len(out), video.shape[1], video.shape[2],
-                     rotation, stream.codec_context.name, first.format.name, stream.index,
-                     len(container.streams.video))
-    return np.ascontiguousarray(video), info
-  finally:
-    container.close()
-    f.close()
+  with FrameStream(path, max_short_side=max_short_side, min_side=min_side) as stream:
+    video = np.concatenate(list(stream))
+  return video, stream.info
 
 
 # ------------------------------------------------------------------ file lists

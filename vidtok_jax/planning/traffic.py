@@ -42,6 +42,7 @@ FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while
 _WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jvp_call|"
                       r"custom_vjp_call|closed_call|core_call|shard_map|xla_call|while|body|"
                       r"cond|branch_\d+|rematted_computation|checkpoint_name)\b")
+_ROOT = re.compile(r"\(([A-Z]\w*)\)+$")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\](?:\{([0-9,]*)(?::([^}]*))?\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _COMP = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
@@ -146,8 +147,9 @@ def _executed(mod) -> list[str]:
 
 
 def model_part(op_name: str, depth: int = 2) -> str:
-  """The model part of an `op_name`: its first `depth` module-path components after the JAX
-  wrappers, prefixed `bwd ` for the backward pass (`transpose(...)`)."""
+  """The model part of an `op_name`: the top Flax module (named in its autodiff wrapper, e.g.
+  `jvp(VidTok)`), then its first `depth` module-path components, or the named scope
+  (`optimizer`, ...) of ops outside modules; prefixed `bwd ` for the backward pass."""
   if not op_name:
     return "(unnamed)"
   first = op_name.split(";")[0]
@@ -155,7 +157,9 @@ def model_part(op_name: str, depth: int = 2) -> str:
   bwd = any(p.startswith("transpose(") for p in parts)
   mods = [p for p in parts if not _WRAPPER.match(p) and "(" not in p]
   mods = mods[:-1]  # the last component is the primitive
-  key = "/".join(mods[:depth]) or "(top level)"
+  # The top Flax module is named only inside an autodiff wrapper: `jvp(VidTok)` -> VidTok.
+  roots = [m.group(1) for p in parts for m in [_ROOT.search(p)] if m]
+  key = "/".join(roots[-1:] + mods[:depth]) or "(top level)"
   return ("bwd " if bwd else "") + key
 
 

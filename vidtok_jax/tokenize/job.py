@@ -37,9 +37,10 @@ import numpy as np
 from etils import epath
 
 import vidtok_jax
+from vidtok_jax.data import frames as frames_lib
 from vidtok_jax.data import sampling
 from vidtok_jax.data import tokens as token_format
-from vidtok_jax.evaluation import params_sha256, windows
+from vidtok_jax.evaluation import default_batch_size, params_sha256
 from vidtok_jax.metrics import rate as rate_lib
 
 log = logging.getLogger("vidtok_jax.tokenize")
@@ -167,13 +168,14 @@ class TokenizeJob:
     store: KL models: "mean" (posterior mean), "mean_logvar" (also logvar; clips mode) or
       "sample" (a sample seeded per video and window).
     dtype: KL array dtype ("float32", "bfloat16", "float16"); FSQ ids use `token_dtype`.
-    batch_size: windows per local device per call (the batch is sharded over local devices).
+    batch_size: windows per local device per call (the batch is sharded over local devices);
+      None: `evaluation.default_batch_size()` (1 on CPU, 4 on GPU/TPU).
     videos_per_shard: videos per shard (fixes the shard layout: part of the job identity).
     process_index, process_count: this process's share (default: jax's).
   """
 
   def __init__(self, config, params, out, *, split: str = "train", mode: str = "clips",
-               store: str = "mean", dtype: str = "float32", batch_size: int = 1,
+               store: str = "mean", dtype: str = "float32", batch_size: Optional[int] = 1,
                seed: int = SEED, videos_per_shard: int = 100,
                process_index: Optional[int] = None, process_count: Optional[int] = None,
                source: Optional[dict] = None):
@@ -183,6 +185,10 @@ class TokenizeJob:
       raise ValueError(f"store must be one of {STORES}, got {store!r}")
     if dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size is None:  # as the evaluation: 1 on CPU, 4 on accelerators
+      batch_size = default_batch_size()
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool):
+      raise TypeError(f"batch_size must be an int (or None: the default), got {batch_size!r}")
     if batch_size < 1 or videos_per_shard < 1:
       raise ValueError(f"batch_size and videos_per_shard must be >= 1, got {batch_size}, "
                        f"{videos_per_shard}")
@@ -293,13 +299,14 @@ class TokenizeJob:
     base = jax.random.fold_in(jax.random.key(self.seed), video_index)
     return jax.vmap(lambda w: jax.random.fold_in(base, w))(jnp.asarray(window_ids, jnp.uint32))
 
-  def encode_windows(self, clips01, video_index: int = 0) -> dict:
-    """Arrays `{name: (K, ...)}` of windows (K, T, h, w, 3) in [0, 1], batched over devices."""
+  def encode_windows(self, clips01, video_index: int = 0, first: int = 0) -> dict:
+    """Arrays `{name: (K, ...)}` of windows (K, T, h, w, 3) in [0, 1], batched over devices;
+    `first`: the video's window number of `clips01[0]` (KL samples are seeded by it)."""
     k, b = len(clips01), self.batch_size * self.n_dev
     parts = []
     for lo in range(0, k, b):
       chunk = clips01[lo:lo + b]
-      ids = np.arange(lo, lo + b)
+      ids = np.arange(first + lo, first + lo + b)
       pad = b - len(chunk)
       if pad:  # fixed batch shape: one compile
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
@@ -401,36 +408,56 @@ class TokenizeJob:
     return len(self.spec.levels) if self.fsq else self.spec.z_channels
 
   def _video_records(self, vi: int, item):
-    """([(meta, arrays)], None) for one video, or (None, skipped entry)."""
+    """([(meta, arrays)], None) for one video, or (None, skipped entry). The video is decoded,
+    resized and encoded as a stream (`vidtok_jax.data.frames`): host memory holds a batch of
+    windows and the (small) encoded records, whatever its length; long mode holds the clip at
+    the model's resolution (the streamer takes it whole)."""
+    def skipped(reason, message):
+      return None, {"path": item.path, "video_index": vi, "reason": reason, "message": message}
+
     try:
-      raw, fps = item.load()
+      source = frames_lib.open_frames(item)
     except Exception as e:  # unreadable / corrupt: report it, go on with the rest
-      return None, {"path": item.path, "video_index": vi,
-                    "reason": getattr(e, "reason", type(e).__name__), "message": str(e)}
+      return skipped(getattr(e, "reason", type(e).__name__), str(e))
+    try:
+      fps = source.fps
+      x01 = frames_lib.resized(source, self.size)
+      if self.mode == "long":
+        clip, n = frames_lib.long_clip(x01, self.spec.causal)
+        clips, valid = (None, None) if clip is None else (clip, [clip.shape[1]])
+        arrays = None if clip is None else self.encode_long(clip, vi)
+      else:
+        windows = frames_lib.Windows(x01, self.num_frames)
+        valid, parts, batch = [], [], []
+        for clip, n_valid in windows:
+          valid.append(n_valid)
+          batch.append(clip)
+          if len(batch) == self.batch_size * self.n_dev:
+            parts.append(self.encode_windows(np.stack(batch), vi, first=len(valid) - len(batch)))
+            batch = []
+        if batch:
+          parts.append(self.encode_windows(np.stack(batch), vi, first=len(valid) - len(batch)))
+        n, clips = windows.frames, valid
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
+    except frames_lib.SourceError as e:  # damaged midway: nothing of this video is written
+      return skipped(e.reason, str(e))
+    finally:
+      source.close()
     interval = sampling.frame_interval(fps, self.sample_fps) if fps > 0 else 1
-    if len(raw) == 0:
-      return None, {"path": item.path, "video_index": vi, "reason": "no_frames",
-                    "message": "no frames"}
-    # In groups of frames: the float64 resize of a long HD video at once needs ~10 GB.
-    x01 = np.concatenate([sampling.resize_short_side_and_center_crop(raw[i:i + 16], self.size)
-                          for i in range(0, len(raw), 16)])
-    del raw
-    w = windows(x01, self.num_frames, self.mode, self.spec.causal)
-    if w is None:
+    if n == 0:
+      return skipped("no_frames", "no frames")
+    if clips is None:
       need = f"> {sampling.LONG_CHUNK}" if self.spec.causal else f">= {sampling.LONG_CHUNK}"
-      return None, {"path": item.path, "video_index": vi, "reason": "too_short",
-                    "message": f"{len(x01)} frames at {self.sample_fps:g} fps; long mode "
-                               f"needs {need}"}
-    clips, valid = w
-    arrays = (self.encode_windows(clips, vi) if self.mode == "clips"
-              else self.encode_long(clips, vi))
+      return skipped("too_short", f"{n} frames at {self.sample_fps:g} fps; long mode needs "
+                     f"{need}")
     arrays = self._cast(arrays)
+    input_frames = self.num_frames if self.mode == "clips" else valid[0]
     out = []
-    for k in range(len(clips)):
+    for k, n_valid in enumerate(valid):
       meta = {"path": item.path, "video_index": vi, "window": k,
               "first_frame": int(k * self.num_frames * interval) if self.mode == "clips" else 0,
               "frame_interval": int(interval), "fps": float(fps),
-              "frames": int(valid[k].sum()), "input_frames": int(clips.shape[1]),
+              "frames": int(n_valid), "input_frames": int(input_frames),
               "size": list(self.size)}
       out.append((meta, {n: v[k] for n, v in arrays.items()}))
     return out, None
