@@ -21,17 +21,13 @@ import traceback
 def _invoke(main, argv):
   from absl import flags
 
-  from vidtok_jax.commands import guard, resolve_config_arg
+  from vidtok_jax.commands import guard, parse_flags, resolve_config_arg
 
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # the --config.FIELD overrides a parsed --config registered
   flags.FLAGS.unparse_flags()
   try:
-    try:
-      rest = flags.FLAGS(resolve_config_arg(argv))
-    except flags.Error as e:  # as absl.app.run reports it
-      print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
-      return 1
+    rest = parse_flags(resolve_config_arg(argv))  # as `run` hands it to absl.app.run
     guard(main)(rest)
     return 0
   except SystemExit as e:

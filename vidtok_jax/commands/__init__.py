@@ -95,6 +95,23 @@ def _prepare(module_name: str):
     main_module.__doc__ = sys.modules[module_name].__doc__
 
 
+def parse_flags(argv):
+  """absl's flag parsing with a bad value (a misspelt config variant, a malformed number)
+  reported as one `error:` line, exit status 2, instead of absl's "FATAL Flags parsing error"
+  with the config file's traceback and a pointer to --helpfull."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    message = lines[0] if lines else type(e).__name__
+    if len(lines) > 1 and "Traceback (most recent call last)" in str(e):
+      # A config file raised: its flag and the exception's last line say what is wrong.
+      message = f"{lines[0].split(': Error whilst', 1)[0]}: {lines[-1]}"
+    _error(message.removeprefix("flag "), 2)
+
+
 def guard(main):
   """`main` with its user errors (`_user_errors`) reported as one `error:` line and exit status
   2 (usage) or 1 (input); `--verbosity=1` lets the traceback through."""
@@ -154,7 +171,7 @@ def run(module_name: str, main, hard_exit_when=None):
   guarded = guard(main)
   if hard_exit_when is not None:
     guarded = exit_now_on_failure(guarded, hard_exit_when)
-  app.run(guarded, argv=resolve_config_arg(sys.argv))
+  app.run(guarded, argv=resolve_config_arg(sys.argv), flags_parser=parse_flags)
 
 
 def check_positive(**values):

@@ -1,4 +1,4 @@
-r"""Reconstruct a video with a VidTok model (the official `inference_reconstruct.py`, SPEC 9.2).
+r"""Reconstruct a video with a VidTok model (the official `inference_reconstruct.py`).
 
   python reconstruct.py --config=configs/vidtok.py:kl_causal_488_4chn \
       --torch_checkpoint=vidtok_kl_causal_488_4chn.ckpt --input=clip.mp4 --output_dir=out

@@ -1,4 +1,4 @@
-r"""Train a VidTok tokenizer (SPEC 7): both stages, every variant, on any JAX mesh.
+r"""Train a VidTok tokenizer: both stages, every variant, on any JAX mesh.
 
   python train.py --config=configs/vidtok.py:kl_causal_488_4chn,stage=1 --workdir=runs/s1 \
       --config.data.dir=/path/to/videos

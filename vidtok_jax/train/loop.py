@@ -32,6 +32,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from vidtok_jax import compile_cache
 from vidtok_jax import precision as precision_lib
 from vidtok_jax.compile_options import compiler_options
+from vidtok_jax.data import config as data_config_lib
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train import mesh as mesh_lib
 from vidtok_jax.train import state as state_lib
@@ -69,6 +70,9 @@ def validate_config(config) -> None:
   precision_lib.resolve_precision(config.train.get("precision", "auto"),
                                   precision_lib.resolve_dtype(config.train.dtype))
   mesh_lib.check_mesh_config(config, jax.device_count())
+  # The data fields too, before anything compiles: a missing folder or a bad size is refused in
+  # a second, not after the state init's compile.
+  data_config_lib.resolve(config, jax.process_count())
 
 
 class _PreemptionFlag:
