@@ -8,10 +8,15 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo_out
 DEMO_ARGS ?=
-# `make test-latest`: the newest releases of jax / jaxlib / flax / optax / orbax-checkpoint (and
-# the other core dependencies, unpinned: requirements-latest.txt) on a newer Python, in their own
-# venv, running the fast subset below (model parity, train step, streaming, convert,
+# `make test-latest` (CI's second leg): Python 3.12 in its own venv $(VENV_LATEST), with the
+# newest releases of jax / jaxlib / flax / optax / orbax-checkpoint and the other core
+# dependencies as of the day they were pinned: requirements-latest.txt pins every package
+# (transitive ones too) with `==`, so a new upstream release cannot break CI; it is bumped on
+# purpose. It runs the fast subset below (model parity, train step, streaming, convert,
 # from_pretrained, core imports). Neither TensorFlow nor torch is installed there.
+# `make test-newest` (not part of `make test`): the same subset in $(VENV_NEWEST) with whatever is
+# newest today (requirements-newest.txt, unpinned): run it to see whether new releases break
+# anything, then bump requirements-latest.txt to its `pip freeze`.
 # python3.12 on PATH, else pyenv's newest 3.12.x (where pyenv's global is another version, its
 # bare `python3.12` shim answers "command not found").
 PYTHON_LATEST ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
@@ -19,6 +24,7 @@ PYTHON_LATEST ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/de
 	pyenv which python3.12 2>/dev/null)
 VENV_LATEST ?= .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
+VENV_NEWEST ?= .venv-newest
 LATEST_TESTS ?= tests/layers_test.py tests/blocks_test.py tests/regularizers_test.py \
 	tests/autoencoder_test.py tests/train_step_test.py tests/streaming_test.py \
 	tests/convert_test.py tests/torch_zip_test.py tests/pretrained_test.py tests/core_imports_test.py
@@ -28,10 +34,15 @@ LATEST_TESTS ?= tests/layers_test.py tests/blocks_test.py tests/regularizers_tes
 # CPU-only. `make test` runs its TPU compile test with it.
 VENV_TPU ?= .venv-tpu
 LIBTPU ?= libtpu==0.0.42.1
+# `make docs`: the documentation site (Sphinx, MyST, myst-nb, the book theme; pins in
+# docs/requirements.txt) into docs/_build/html, warnings as errors. Its tools live in $(VENV_DOCS),
+# which sees $(VENV)'s packages (the .pth below, as install-tpu), so autodoc imports vidtok_jax
+# and the getting-started notebook runs with the pinned jax while $(VENV) stays free of them.
+VENV_DOCS ?= .venv-docs
 # Lint tools are pinned here, not in requirements.txt (lint is not part of CI yet).
 LINT_REQS := ruff==0.17.6 pyink==26.5.1
 
-.PHONY: install install-tpu install-test demo test test-pinned install-latest test-latest lint format clean
+.PHONY: install install-tpu install-test install-docs docs demo test test-pinned install-latest test-latest test-newest lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +56,16 @@ install-tpu: install
 	$(VENV_TPU)/bin/python -m pip install --no-deps "$(LIBTPU)"
 	$(PY) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" > "$$($(VENV_TPU)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vidtok_main_venv.pth"
 	$(VENV_TPU)/bin/python -c "import jax, libtpu, vidtok_jax; print('$(VENV_TPU): jax', jax.__version__, '+ libtpu')"
+
+install-docs: install
+	$(PIP) install --no-deps -r requirements-demo.txt
+	$(PYTHON) -m venv $(VENV_DOCS)
+	$(VENV_DOCS)/bin/python -m pip install -r docs/requirements.txt
+	$(PY) -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" > "$$($(VENV_DOCS)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vidtok_main_venv.pth"
+	$(VENV_DOCS)/bin/python -c "import sphinx, myst_nb, vidtok_jax; print('$(VENV_DOCS): sphinx', sphinx.__version__, '+ vidtok_jax')"
+
+docs: install-docs
+	$(VENV_DOCS)/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 install-test: install install-tpu
 	$(PIP) install -r requirements-test.txt
@@ -65,18 +86,28 @@ test: test-pinned test-latest
 test-pinned: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) tests
 
-install-latest:
-	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest: no Python 3.12 found (neither python3.12 on PATH nor pyenv's 3.12.x); pass PYTHON_LATEST=/path/to/python3.12, or run the pinned leg alone: make test-pinned" >&2; exit 1; }
-	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
-	$(PY_LATEST) -m pip install --upgrade -r requirements-latest.txt
-	$(PY_LATEST) -m pip install -e . --no-deps
-
-test-latest: install-latest
-	$(PY_LATEST) -c "import sys, jax, jaxlib, flax, optax, orbax.checkpoint as o; \
-	print('test-latest: Python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', \
+# $(1): venv, $(2): requirements file. A venv left over from other pins is reused: pip installs
+# the exact versions the file names (downgrading where needed).
+define latest_venv
+	@test -n "$(PYTHON_LATEST)" || { echo "make $@: no Python 3.12 found (neither python3.12 on PATH nor pyenv's 3.12.x); pass PYTHON_LATEST=/path/to/python3.12, or run the pinned leg alone: make test-pinned" >&2; exit 1; }
+	$(PYTHON_LATEST) -m venv $(1)
+	$(1)/bin/python -m pip install --upgrade -r $(2)
+	$(1)/bin/python -m pip install -e . --no-deps
+	$(1)/bin/python -c "import sys, jax, jaxlib, flax, optax, orbax.checkpoint as o; \
+	print('$(1): Python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', \
 	jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__, \
 	'| orbax-checkpoint', o.__version__)"
+endef
+
+install-latest:
+	$(call latest_venv,$(VENV_LATEST),requirements-latest.txt)
+
+test-latest: install-latest
 	$(PY_LATEST) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) $(LATEST_TESTS)
+
+test-newest:
+	$(call latest_venv,$(VENV_NEWEST),requirements-newest.txt)
+	$(VENV_NEWEST)/bin/python -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) $(LATEST_TESTS)
 
 lint: $(PY)
 	$(PIP) install $(LINT_REQS)
@@ -88,5 +119,5 @@ format: $(PY)
 	$(PY) -m pyink vidtok_jax tests configs
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(DEMO_OUT)
+	rm -rf build dist *.egg-info .pytest_cache $(DEMO_OUT) docs/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

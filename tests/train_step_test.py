@@ -59,6 +59,23 @@ def changed_leaves(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def adam_max_move(lr, b1, b2, steps):
+  """The most `steps` bias-corrected Adam updates (eps >= 0) can move one parameter, any grads.
+
+  Step t moves it by lr * |m_hat| / sqrt(v_hat), m_hat = (1-b1) sum_i b1^(t-i) g_i / (1-b1^t),
+  v_hat = (1-b2) sum_i b2^(t-i) g_i^2 / (1-b2^t); Cauchy-Schwarz bounds that ratio by
+  sqrt(1-b2^t) / (1-b1^t) * sqrt(sum_i (1-b1)^2 b1^(2(t-i)) / ((1-b2) b2^(t-i))), which is
+  reached (g_i proportional to the weights' ratio): 1 at t = 1, 1.0014 at t = 2 for Adam's
+  defaults.
+  """
+  total = 0.0
+  for t in range(1, steps + 1):
+    k = np.arange(t)  # t - i
+    s = np.sum((1 - b1) ** 2 * b1 ** (2 * k) / ((1 - b2) * b2**k))
+    total += lr * np.sqrt(1 - b2**t) / (1 - b1**t) * np.sqrt(s)
+  return float(total)
+
+
 # ---------------------------------------------------------------- the 8-device subprocess
 
 SHARDED_SCRIPT = r"""
@@ -378,13 +395,24 @@ def test_sharded_8_devices_matches_1_device(sharded_run):
       assert r[part] < 1e-12, (name, part, r)  # measured <= 2.2e-16
     assert r["opt_moments_leaf"] < 1e-10, (name, r)  # measured 5e-14: every gradient leaf
     assert r["metrics"] < 1e-6, (name, r)  # the metrics are returned as float32
+  # Float32: the reduction order differs (FSDP also partitions the convs), so rounding differs,
+  # and Adam's normalised step m_hat / sqrt(v_hat) turns rounding noise on a near-zero gradient
+  # element into a step of up to +-lr whatever the gradient's size. No measured tolerance holds
+  # across XLA releases for that; the bound is Adam's own (adam_max_move): clipping rescales the
+  # gradients only, there is no weight decay nor schedule, so two runs from the same params
+  # differ by at most twice the largest move, plus float32 rounding of the params (relative to
+  # max(1, scale): a few ulps). The EMA, a convex mix of the params, obeys the same bound. The
+  # gradients themselves are compared below through the Adam moments.
+  tc = tiny_config().train
+  bound = {"g_params": 2 * adam_max_move(tc.lr, tc.adam_b1, tc.adam_b2, 2) + 1e-6,
+           "d_params": 2 * adam_max_move(tc.disc_lr, tc.adam_b1, tc.adam_b2, 2) + 1e-6}
+  bound["ema_params"] = bound["g_params"]
   for name, r in res["float32"].items():
     assert r["steps"] == 10003, (name, r)
-    # Float32 rounding differs with the reduction order (FSDP also partitions the convs), and
-    # Adam turns rounding noise on near-zero gradient elements into +-lr steps (lr 1e-5, two
-    # steps): measured g_params 2.4e-5, everything else <= 4.4e-7.
-    for part in ("g_params", "d_params", "d_batch_stats", "ema_params"):
-      assert r[part] < (5e-5 if part == "g_params" else 1e-5), (name, part, r)
+    for part in ("g_params", "d_params", "ema_params"):
+      assert r[part] < bound[part], (name, part, bound[part], r)
+    # Running BatchNorm statistics (not moved by Adam): measured 4.4e-7.
+    assert r["d_batch_stats"] < 1e-5, (name, r)
     # Per leaf, a cancelling gradient sum (encoder biases: 0.005 against a global norm of
     # 3600) loses relative precision (measured 3.7e-3 fsdp); against the largest moment of
     # the optimizer the difference is 1.0e-4.
