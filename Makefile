@@ -77,11 +77,11 @@ demo: install
 	$(PY) -m vidtok_jax.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # `make test`: both legs, the whole suite on the pinned set, then the fast subset on Python 3.12
-# with the newest releases (CI runs this). pytest exits non-zero on any failure or error, and
-# with 5 when it collects no test; make fails on every one of them (nothing here swallows the
-# exit code). `-p no:benchmark`: the base image ships pytest-benchmark, which only warns that
+# with the newest releases, then the docs site built with warnings as errors (CI runs this).
+# pytest exits non-zero on any failure or error, and with 5 when it collects no test; make fails
+# on every one of them (nothing here swallows the exit code). `-p no:benchmark`: the base image ships pytest-benchmark, which only warns that
 # xdist disables it.
-test: test-pinned test-latest
+test: test-pinned test-latest docs
 
 test-pinned: install-test
 	$(PY) -m pytest -q -n 2 --dist loadfile -p no:benchmark $(PYTEST_ARGS) tests
