@@ -77,3 +77,29 @@ def test_compare_cli(compiled, tmp_path, capsys):
   (tmp_path / "c.json").write_text("{}")
   with pytest.raises(SystemExit, match="no plan record"):
     traffic.main(["compare", str(before), str(tmp_path / "c.json")])
+
+
+HLO = """HloModule m, is_scheduled=true
+
+%fused (p0: bf16[8,128]) -> bf16[8,128] {
+  %p0 = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %n = bf16[8,128]{1,0:T(8,128)(2,1)} negate(%p0), metadata={op_name="jit(f)/jvp(M)/enc/neg"}
+}
+
+ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
+  %a = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %cs = (bf16[8,128]{1,0:T(8,128)(2,1)}, bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  ROOT %f = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%cd), kind=kLoop, calls=%fused, metadata={op_name="jit(f)/jvp(M)/enc/neg"}
+}
+"""
+
+
+def test_on_chip_copies_count_hbm_bytes_only_and_take_their_users_name():
+  r = traffic.report(HLO)
+  rows = {o["opcode"]: o for o in r["top"]}
+  # copy-start reads 2 KiB of HBM (its VMEM destination and sync flag are not HBM traffic); the
+  # fusion reads VMEM and writes 2 KiB of HBM.
+  assert rows["copy-start"]["bytes"] == 8 * 128 * 2  # the operand; its alias in the tuple is free
+  assert rows["fusion"]["bytes"] == 8 * 128 * 2
+  assert rows["copy-start"]["group"] == "M/enc"  # named after the fusion that uses what it moves

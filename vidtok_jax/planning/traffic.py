@@ -49,7 +49,12 @@ _COMP = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
 
 def _array_bytes(dtype: str, dims: str, layout: Optional[str], tiling: Optional[str]):
-  """`(logical, padded)` bytes of one array shape; padded applies the layout's first tile."""
+  """`(logical, padded)` bytes of one array shape; padded applies the layout's first tile.
+  Arrays in another memory space than HBM (`S(1)`: a TPU's on-chip VMEM, where XLA's memory
+  space assignment prefetches operands with `copy-start` / `slice-start`) count 0: reading them
+  moves no HBM bytes."""
+  if tiling and re.search(r"S\([1-9]\)", tiling):
+    return 0, 0
   shape = [int(d) for d in dims.split(",") if d]
   size = DTYPE_BYTES.get(dtype, 4)
   logical = size * math.prod(shape)
@@ -163,6 +168,31 @@ def model_part(op_name: str, depth: int = 2) -> str:
   return ("bwd " if bwd else "") + key
 
 
+def _output_bytes(ins):
+  """What an instruction writes. An async `*-start` returns (its operand, the destination,
+  sync flags): the first is an alias of the operand, not a write."""
+  if ins["opcode"].endswith("-start") and ins["shape"].startswith("("):
+    arrays = list(_ARRAY.finditer(ins["shape"]))[1:]
+    lo = pa = 0
+    for m in arrays:
+      a, b = _array_bytes(*m.groups())
+      lo, pa = lo + a, pa + b
+    return lo, pa
+  return shape_bytes(ins["shape"])
+
+
+def _nearest_name(ins, by_name, step, depth: int = 4) -> str:
+  """The op_name of the nearest instruction that has one, following `step` (producers or
+  users) breadth first up to `depth` hops."""
+  frontier = [ins]
+  for _ in range(depth):
+    frontier = [by_name[n] for i in frontier for n in step(i) if n in by_name]
+    for i in frontier:
+      if i["op_name"]:
+        return i["op_name"]
+  return ""
+
+
 def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
   """The traffic of a compiled program's HLO text: totals, the `top` ops and all groups by
   padded bytes. Each row: bytes (logical), padded (tile-padded), count / opcode, group."""
@@ -170,10 +200,20 @@ def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
   comps = mod["computations"]
   ops, groups = [], collections.defaultdict(lambda: dict(bytes=0, padded=0, count=0))
   for c in _executed(mod):
-    sizes = {ins["name"]: shape_bytes(ins["shape"]) for ins in comps[c]}
+    sizes = {ins["name"]: _output_bytes(ins) for ins in comps[c]}
+    by_name = {ins["name"]: ins for ins in comps[c]}
+    users = collections.defaultdict(list)
+    for ins in comps[c]:
+      for o in ins["operands"]:
+        users[o].append(ins["name"])
     for ins in comps[c]:
       if ins["opcode"] in FREE:
         continue
+      if not ins["op_name"]:
+        # Copies, slices and layout changes XLA adds carry no source name: charge them to what
+        # they move (the nearest named producer) or else to the nearest named user.
+        ins["op_name"] = (_nearest_name(ins, by_name, lambda i: i["operands"]) or
+                          _nearest_name(ins, by_name, lambda i: users[i["name"]]))
       lo, pa = sizes[ins["name"]]
       for o in ins["operands"]:
         a, b = sizes.get(o, (0, 0))
