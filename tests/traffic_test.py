@@ -59,6 +59,9 @@ def test_model_part():
   assert traffic.model_part(name, depth=3) == "bwd VidTok/decoder/up_1/block_0"
   assert traffic.model_part("jit(f)/jvp(VidTok)/encoder/conv_in/add") == "VidTok/encoder/conv_in"
   assert traffic.model_part("jit(train_step)/optimizer/mul") == "optimizer"
+  name = "jit(encode)/VidTok.encode/encoder/down_0/block_1/conv/conv_general_dilated"
+  assert traffic.model_part(name) == "VidTok/encoder/down_0"
+  assert traffic.model_part("jit(f)/VidTok.encode/VidTok._regularize/mul") == "VidTok"
   assert traffic.model_part("") == "(unnamed)"
 
 

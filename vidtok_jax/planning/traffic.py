@@ -43,6 +43,7 @@ _WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_jv
                       r"custom_vjp_call|closed_call|core_call|shard_map|xla_call|while|body|"
                       r"cond|branch_\d+|rematted_computation|checkpoint_name)\b")
 _ROOT = re.compile(r"\(([A-Z]\w*)\)+$")
+_METHOD = re.compile(r"^[A-Z]\w*\.\w+$")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\](?:\{([0-9,]*)(?::([^}]*))?\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _COMP = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
@@ -162,8 +163,11 @@ def model_part(op_name: str, depth: int = 2) -> str:
   bwd = any(p.startswith("transpose(") for p in parts)
   mods = [p for p in parts if not _WRAPPER.match(p) and "(" not in p]
   mods = mods[:-1]  # the last component is the primitive
-  # The top Flax module is named only inside an autodiff wrapper: `jvp(VidTok)` -> VidTok.
+  # The top Flax module: named inside an autodiff wrapper (`jvp(VidTok)`), or as the method
+  # called on it (`VidTok.encode`, outside autodiff).
   roots = [m.group(1) for p in parts for m in [_ROOT.search(p)] if m]
+  roots += [p.split(".")[0] for p in mods if _METHOD.match(p)]
+  mods = [p for p in mods if not _METHOD.match(p)]
   key = "/".join(roots[-1:] + mods[:depth]) or "(top level)"
   return ("bwd " if bwd else "") + key
 
