@@ -35,6 +35,7 @@ ARGPARSE_COMMANDS = {
     "vidtok-check-data": ["data/__main__.py"],
     "vidtok_jax.bench": ["bench.py"],
     "vidtok_jax.demo": ["demo.py"],
+    "vidtok_jax.planning.traffic": ["planning/traffic.py"],
 }
 # `python -m vidtok_jax.data.tfds_builder` is TFDS's own `build` command: its flags are TFDS's.
 TFDS_BUILD_FLAGS = {"manual_dir", "data_dir", "help", "helpfull"}
