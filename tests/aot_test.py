@@ -21,7 +21,7 @@ from vidtok_jax import aot, bench
 from vidtok_jax.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# libtpu locks /tmp/libtpu_lockfile: let a background --topology compile run beside the tests
+# libtpu takes a lock file in the temp folder: let a background --topology compile run beside the tests
 TPU_ENV = dict(os.environ, PYTHONPATH=str(REPO), TPU_SKIP_MDS_QUERY="1",
                ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 TINY = ["--config=vidtok_kl_causal_488_4chn", "--ops=train_step", "--set=ch=4",
