@@ -119,5 +119,5 @@ def test_compilation_cache_setting():
 
   assert configs.get_config("kl_causal_488_4chn").compilation_cache_dir == "auto"
   assert cache_dir("auto", "runs/x") == "runs/x/xla_cache"  # on by default, under the workdir
-  assert cache_dir("/tmp/c", "runs/x") == "/tmp/c"
+  assert cache_dir("/data/xla_cache", "runs/x") == "/data/xla_cache"
   assert cache_dir("", "runs/x") is None and cache_dir("off", "runs/x") is None
