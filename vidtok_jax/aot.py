@@ -181,14 +181,15 @@ def lower_train_step(cfg, devices, backend: Optional[str] = None, shape=None):
 
 
 def plan_train_step(cfg, devices, backend: Optional[str] = None, chip: Optional[dict] = None,
-                    shape=None) -> dict:
+                    shape=None, hlo_path=None) -> dict:
   """Compiles `cfg`'s train step for `devices` (see `lower_train_step`) and returns its record:
-  the program's settings, `report` and the lower / compile times. `cfg` is not changed."""
+  the program's settings, `report` and the lower / compile times. `cfg` is not changed.
+  `hlo_path`: also write the compiled program's text there (gzip), see `report`."""
   lowered, rec = lower_train_step(cfg, devices, backend, shape)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   rec["compile_s"] = time.perf_counter() - t0
-  rec.update(report(compiled, chip))
+  rec.update(report(compiled, chip, hlo_path))
   return rec
 
 
@@ -247,21 +248,25 @@ def lower_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
 
 def plan_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
                    chip: Optional[dict] = None, shape=(1, 17, 256, 256, 3),
-                   sizes: Optional[dict] = None) -> dict:
+                   sizes: Optional[dict] = None, hlo_path=None) -> dict:
   """Compiles `encode` or `decode` of `model_cfg` for `devices` (see `lower_inference`); its
   record (`report` plus the clips per second per chip the roofline allows)."""
   lowered, rec = lower_inference(model_cfg, op, devices, backend, shape, sizes)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   rec["compile_s"] = time.perf_counter() - t0
-  rec.update(report(compiled, chip))
+  rec.update(report(compiled, chip, hlo_path))
   if rec.get("roofline_s"):
     rec["roofline_clips_per_s_per_chip"] = shape[0] / rec["devices"] / rec["roofline_s"]
   return rec
 
 
-def report(compiled, chip: Optional[dict] = None) -> dict:
-  """Per-device memory, cost, roofline and collectives of a compiled SPMD program."""
+def report(compiled, chip: Optional[dict] = None, hlo_path=None) -> dict:
+  """Per-device memory, cost, roofline and collectives of a compiled SPMD program.
+
+  `hlo_path`: write the compiled program's text there, gzip-compressed, so its traffic can be
+  analysed again (`python -m vidtok_jax.planning.traffic report FILE`) without a recompile that
+  takes minutes to tens of minutes."""
   rec = {}
   m = compiled.memory_analysis()
   if m is not None:
@@ -285,6 +290,11 @@ def report(compiled, chip: Optional[dict] = None) -> dict:
     rec["roofline_s"] = max(t_compute, t_memory)
     rec["roofline_bound"] = "compute" if t_compute >= t_memory else "memory"
   text = compiled.as_text()
+  if hlo_path:
+    import gzip
+    with gzip.open(hlo_path, "wt") as f:
+      f.write(text)
+    rec["hlo"] = str(hlo_path)
   rec["collectives"] = collectives(text)
   # Where the bytes go (the model is memory-bound on accelerators): top ops and model parts.
   rec["traffic"] = traffic.report(text, top=TRAFFIC_TOP)

@@ -412,7 +412,8 @@ def topology_main(a):
       model_cfg = model_config(a, dtype)
       print(f"== {a.config} {op} {'x'.join(map(str, a.shape))} {dtype} for {topo} "
             f"({len(devices)} devices, mesh {sizes})", flush=True)
-      rec = aot.plan_inference(model_cfg, op, devices, backend, chip, (*a.shape, 3), sizes)
+      rec = aot.plan_inference(model_cfg, op, devices, backend, chip, (*a.shape, 3), sizes,
+                               hlo_path=_hlo_path(a, topo, op))
       rec.update(config=a.config, topology=topo, overrides=a.overrides)
       print(plan_table(rec), flush=True)
       records.append(rec)
@@ -422,13 +423,24 @@ def topology_main(a):
     print(f"== {a.config} stage {stage} train_step {'x'.join(map(str, a.shape))} {dtype} "
           f"remat={a.remat} for {topo} ({len(devices)} devices, mesh {sizes})", flush=True)
     rec = aot.plan_train_step(make_cfg(a.shape[0]), devices, backend, chip,
-                              (*a.shape, 3))
+                              (*a.shape, 3), hlo_path=_hlo_path(a, topo, "train_step"))
     rec.update(config=a.config, topology=topo, overrides=a.overrides)
     print(plan_table(rec), flush=True)
     records.append(rec)
   if a.json:
     pathlib.Path(a.json).write_text(json.dumps(records, indent=1))
   return records
+
+
+def _hlo_path(a, topo: str, op: str):
+  """Where `--hlo_dir` keeps one plan's compiled program text (None: not kept)."""
+  if not a.hlo_dir:
+    return None
+  d = pathlib.Path(a.hlo_dir)
+  d.mkdir(parents=True, exist_ok=True)
+  mesh = (a.mesh or "auto").replace("=", "").replace(",", "-")
+  shape = "x".join(map(str, a.shape))
+  return d / f"{topo.replace(':', '-')}_{op}_{shape}_{mesh}_{a.dtype}.hlo.txt.gz"
 
 
 def plan_table(r) -> str:
@@ -523,6 +535,9 @@ def parse_args(argv=None):
   p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                  help="each op in a fresh subprocess (per-op memory peaks)")
   p.add_argument("--json", default=None, help="write the records here")
+  p.add_argument("--hlo_dir", default=None,
+                 help="--topology: also write each compiled program's text here (gzip), to "
+                      "re-read its traffic with `python -m vidtok_jax.planning.traffic report`")
   p.add_argument("--fit", default=None,
                  help="memory budgets in GiB, e.g. 16,80; with --topology: clips, e.g. "
                       "17x128,17x256 (per-chip batch search)")

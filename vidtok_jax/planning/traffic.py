@@ -14,9 +14,11 @@ multiples of 8 and 128), so an array whose minor dimension is 3 or 4 occupies 32
 size; each row has both sizes, and `padded` is what the memory system moves.
 
     python -m vidtok_jax.planning.traffic compare BEFORE.json AFTER.json
+    python -m vidtok_jax.planning.traffic report PLAN.hlo.txt.gz
 
 compares two plan records (`bench --topology ... --json F`, which carry a `traffic` entry) group by
-group.
+group; `report` reads a compiled program's text saved by `bench --topology ... --hlo_dir D`
+(gzip or plain) and prints its table, without compiling again.
 """
 
 from __future__ import annotations
@@ -285,7 +287,20 @@ def main(argv=None):
   c.add_argument("before")
   c.add_argument("after")
   c.add_argument("--rows", type=int, default=30)
+  r = sub.add_parser("report", help="the traffic table of a saved compiled program (HLO text)")
+  r.add_argument("hlo", help="a file written by `bench --topology ... --hlo_dir D` (.gz or text)")
+  r.add_argument("--rows", type=int, default=20)
   a = p.parse_args(argv)
+  if a.cmd == "report":
+    import gzip
+    try:
+      opener = gzip.open if a.hlo.endswith(".gz") else open
+      with opener(a.hlo, "rt") as f:
+        text = f.read()
+    except OSError as e:
+      raise SystemExit(f"error: {a.hlo}: cannot read the program text ({e})")
+    print(table(report(text, top=max(a.rows, 1)), rows=a.rows))
+    return 0
   print(compare(_traffic_of(a.before), _traffic_of(a.after), a.rows))
   return 0
 
