@@ -74,7 +74,7 @@ install-test: install install-tpu
 # Train a small tokenizer on the bundled clips, evaluate it, write a reconstruction (see README).
 demo: install
 	$(PIP) install --no-deps -r requirements-demo.txt
-	$(PY) -m vidtok_jax.demo --out $(DEMO_OUT) $(DEMO_ARGS)
+	$(PY) -m vidtok_jax.cli.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # `make test`: both legs, the whole suite on the pinned set, then the fast subset on Python 3.12
 # with the newest releases, then the docs site built with warnings as errors (CI runs this).

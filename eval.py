@@ -1,6 +1,6 @@
-"""The `vidtok-eval` command (vidtok_jax/commands/eval.py) run from a checkout; see `--help`."""
+"""The `vidtok-eval` command (vidtok_jax/cli/eval.py) run from a checkout; see `--help`."""
 
-from vidtok_jax.commands import eval as command
+from vidtok_jax.cli import eval as command
 
 if __name__ == "__main__":
   command.run()

@@ -3,9 +3,9 @@ r"""What bf16 inference costs in quality: float32 vs bf16 reconstructions of a t
     python benchmarks/bf16_inference.py --workdir demo_out/run --videos VAL_FOLDER \
         [--size 64] [--sample_fps 15] [--json out.json]
 
-The model is the one `make demo` trains (`vidtok_jax.demo`'s config, its workdir) unless
+The model is the one `make demo` trains (`vidtok_jax.cli.demo`'s config, its workdir) unless
 `--config` names a config file spec (`configs/vidtok.py:VARIANT`) whose `model` matches the
-checkpoint. Each video is evaluated twice with the eval protocol (`vidtok_jax.evaluation`,
+checkpoint. Each video is evaluated twice with the eval protocol (`vidtok_jax.evaluation.evaluator`,
 posterior mean, no LPIPS / FVD): float32 with "highest" convs (the inference default) and bf16
 compute with the backend's default precision (`--config.model.dtype=bfloat16
 --config.model.precision=default` on the commands), in clips mode (17-frame windows) and in long
@@ -34,7 +34,9 @@ def main(argv=None):
   p.add_argument("--json", default=None)
   a = p.parse_args(argv)
 
-  from vidtok_jax import demo, evaluation
+  from vidtok_jax.evaluation import evaluator as evaluation
+
+  from vidtok_jax.cli import demo
   from vidtok_jax.train.checkpoint import load_init_params
 
   if a.config:

@@ -6,7 +6,7 @@ streamed frames/s, and XLA's memory figures of a 1080p frame. Needs neither Tens
       --long_frames=257 --hd_frames=17 --json=gpu.json                # GPU/TPU, released width
 
 Ops (`--ops`, comma-separated; default all):
-* `eval`: `vidtok_jax.evaluation.Evaluator` (PSNR, SSIM, LPIPS-VGG, I3D features on the device)
+* `eval`: `vidtok_jax.evaluation.evaluator.Evaluator` (PSNR, SSIM, LPIPS-VGG, I3D features on the device)
   over `--eval_videos` videos of `--eval_frames` frames: synthetic uint8 frames at
   `--eval_source` (resized to 256^2 on the host, as decoded videos are), or the pre-decoded
   uint8 `(T, H, W, 3)` `.npy` files of `--npy_dir`, or the video files of `--video_dir`
@@ -89,10 +89,10 @@ def random_eval_weights(args):
 
 
 def eval_items(args, n, seed=0):
-  from vidtok_jax.evaluation import VideoItem
+  from vidtok_jax.evaluation.evaluator import VideoItem
 
   if args.video_dir:  # real files, decoded with PyAV at --fps sampling (eval.py's path)
-    from vidtok_jax.evaluation import folder_videos
+    from vidtok_jax.evaluation.evaluator import folder_videos
     from vidtok_jax.data import read_video_list
     paths = read_video_list(args.video_dir)[0][:n]
     if not paths:
@@ -112,7 +112,7 @@ def eval_items(args, n, seed=0):
 
 
 def run_eval(args, out):
-  from vidtok_jax import evaluation
+  from vidtok_jax.evaluation import evaluator as evaluation
 
   # The module (the package attribute `vidtok_jax.metrics.lpips` is the function).
   lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")
@@ -227,7 +227,7 @@ def run_codec(args, out):
 def run_stream(args, out, op):
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
-  from vidtok_jax.streaming import Streamer
+  from vidtok_jax.inference.streaming import Streamer
 
   cfg = model_config(args)
   params = jax.device_put(random_params(vidtok_jax_abstract(cfg), 0))

@@ -1,4 +1,4 @@
-r"""Peak memory and time of long videos: streaming (`vidtok_jax.streaming.Streamer`) vs whole clip.
+r"""Peak memory and time of long videos: streaming (`vidtok_jax.inference.streaming.Streamer`) vs whole clip.
 
   python benchmarks/streaming.py                          # 33/129/513 x 256^2 + a 1080p clip
   python benchmarks/streaming.py --variant=kl_causal_488_4chn_v1_1 --ch=128   # full width (GPU)
@@ -35,7 +35,7 @@ def run_one(args) -> dict:
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
   from vidtok_jax.bench import reset_peak_rss, rss_kib
-  from vidtok_jax.streaming import Streamer
+  from vidtok_jax.inference.streaming import Streamer
 
   mode, t, h, w = args.one.split(",")
   t, h, w = int(t), int(h), int(w)

@@ -133,7 +133,7 @@ def run_point(a, checkpoint=lambda rec: None):
   import vidtok_jax
   from vidtok_jax import train
 
-  from vidtok_jax.precision import resolve_dtype
+  from vidtok_jax.train.precision import resolve_dtype
 
   a.dtype = resolve_dtype(a.dtype)  # "auto": bf16 on GPU/TPU, float32 on CPU
   rec = {"config": a.config, "dtype": a.dtype, "precision": a.precision, **device_info()}

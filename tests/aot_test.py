@@ -1,4 +1,4 @@
-"""Ahead-of-time train-step plans (`vidtok_jax.aot`, `python -m vidtok_jax.bench --topology`).
+"""Ahead-of-time train-step plans (`vidtok_jax.planning.aot`, `python -m vidtok_jax.bench --topology`).
 
 The reporting path runs on this host's CPU device (`--topology cpu`); the TPU compile itself
 needs libtpu: this interpreter's, or the `.venv-tpu` beside the repository that `make install-tpu`
@@ -17,7 +17,9 @@ import hlo_forms
 import jax
 import pytest
 
-from vidtok_jax import aot, bench
+from vidtok_jax import bench
+
+from vidtok_jax.planning import aot
 from vidtok_jax.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

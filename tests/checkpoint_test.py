@@ -19,9 +19,9 @@ from conftest import random_params
 
 import vidtok_jax
 from vidtok_jax import train
-from vidtok_jax.convert.__main__ import main as convert_main
-from vidtok_jax.convert.io import save_safetensors
-from vidtok_jax.convert.keys import state_dict_from_params
+from vidtok_jax.cli.convert import main as convert_main
+from vidtok_jax.weights.io import save_safetensors
+from vidtok_jax.weights.keys import state_dict_from_params
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train.checkpoint import (
     CheckpointError,

@@ -3,10 +3,10 @@ per command instead of one per case: each start imports jax, and TensorFlow for 
 
     python tests/cli_runner.py SPEC.json RESULT.json
 
-SPEC: {"module": "vidtok_jax.commands.eval", "script": "eval.py",
+SPEC: {"module": "vidtok_jax.cli.eval", "script": "eval.py",
        "cases": {name: {"argv": [...], "cwd": folder}}}. Each case resets the flags, parses its
-argv as `vidtok_jax.commands.run` does (the bundled-config fallback included) and runs the
-command's main under `vidtok_jax.commands.guard`, its stdout, stderr (file descriptors) and exit
+argv as `vidtok_jax.cli.run` does (the bundled-config fallback included) and runs the
+command's main under `vidtok_jax.cli.guard`, its stdout, stderr (file descriptors) and exit
 status captured. RESULT: {name: {"returncode", "stdout", "stderr"}}.
 """
 
@@ -21,7 +21,7 @@ import traceback
 def _invoke(main, argv):
   from absl import flags
 
-  from vidtok_jax.commands import guard, parse_flags, resolve_config_arg
+  from vidtok_jax.cli import guard, parse_flags, resolve_config_arg
 
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # the --config.FIELD overrides a parsed --config registered
@@ -58,7 +58,7 @@ def main(spec_path, result_path):
     spec = json.load(f)
   from absl import app
 
-  from vidtok_jax.commands import _prepare
+  from vidtok_jax.cli import _prepare
 
   module = importlib.import_module(spec["module"])
   sys.argv = [spec["script"]]

@@ -46,7 +46,7 @@ def write_clip(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Every case below: one process per command, all started at once, then collected."""
-  from vidtok_jax import reconstruct as rc
+  from vidtok_jax.inference import reconstruct as rc
 
   t = tmp_path_factory.mktemp("cli")
   clip = write_clip((t / "videos").mkdir() or t / "videos" / "clip.mp4")
@@ -64,7 +64,7 @@ def runs(tmp_path_factory):
   here, elsewhere = str(REPO), str(t / "elsewhere")
   # One process per command (each start imports jax and TensorFlow), its cases run in turn.
   commands = {
-      ("vidtok_jax.commands.eval", "eval.py"): {
+      ("vidtok_jax.cli.eval", "eval.py"): {
           "help": ("--help",),
           "no_dir": (TINY, ckpt, f"--data_dir={t / 'nope'}", out),
           "empty_dir": (TINY, ckpt, f"--data_dir={t / 'empty'}", out),
@@ -74,20 +74,20 @@ def runs(tmp_path_factory):
           # Outside a checkout: the config comes from the package; the error is about the data.
           "elsewhere": (TINY, ckpt, f"--data_dir={t / 'nope'}", out),
       },
-      ("vidtok_jax.commands.reconstruct", "reconstruct.py"): {
+      ("vidtok_jax.cli.reconstruct", "reconstruct.py"): {
           "height63": (TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'o'}", "--height=63"),
           "tokens": (TINY, ckpt, f"--tokens={tokens}", f"--output_dir={t / 'o'}"),
           "recon_exists": (TINY, ckpt, f"--input={clip}", f"--output_dir={t / 'out'}",
                            "--size=32", "--concat_input=false"),
       },
-      ("vidtok_jax.commands.train", "train.py"): {
+      ("vidtok_jax.cli.train", "train.py"): {
           "train_truncated": (TINY, f"--workdir={t / 'w1'}", f"--config.data.dir={t}",
                               f"--config.train.init_from={bad}",
                               "--config.loss.perceptual_weight=0"),
           "train_empty": (TINY, f"--workdir={t / 'w2'}", f"--config.data.dir={t / 'empty'}",
                           f"--config.data.tfds_data_dir={t}", "--config.loss.perceptual_weight=0"),
       },
-      ("vidtok_jax.tokenize.__main__", "vidtok_jax/tokenize/__main__.py"): {
+      ("vidtok_jax.cli.tokenize", "vidtok_jax/cli/tokenize.py"): {
           "tok_no_dir": (TINY, ckpt, f"--data_dir={t / 'nope'}", f"--out={t / 'tok'}"),
           "tok_batch0": (TINY, ckpt, data, f"--out={t / 'tok'}", "--batch_size=0"),
           "tok_decode_exists": (TINY, ckpt, f"--decode={t / 'empty'}",
@@ -125,7 +125,7 @@ def test_eval_help_lists_its_main_flags(runs):
 def test_non_positive_settings_are_usage_errors():
   from absl import app
 
-  from vidtok_jax.commands import check_positive
+  from vidtok_jax.cli import check_positive
 
   for name, value in (("size", 0), ("sample_fps", 0.0), ("batch_size", 0), ("num_frames", -1)):
     with pytest.raises(app.UsageError, match=f"--{name} must be > 0, got {value}"):
@@ -182,7 +182,7 @@ def test_reconstruct_errors_are_one_line(runs):
 def test_bundled_configs_outside_a_checkout(runs, tmp_path):
   """`--config=configs/vidtok.py:...` resolves to the packaged configs where that file is
   missing (an installed package run from another folder)."""
-  from vidtok_jax.commands import bundled_config_path, resolve_config_arg
+  from vidtok_jax.cli import bundled_config_path, resolve_config_arg
 
   assert_one_line_error(runs[1]["elsewhere"], "does not exist")
   argv = ["prog", "--config=configs/vidtok.py:kl_causal_488_4chn,tiny", "--x=1"]
@@ -201,7 +201,7 @@ def test_bundled_configs_outside_a_checkout(runs, tmp_path):
 
 
 def test_lossy_crop_warning():
-  from vidtok_jax.reconstruct import lossy_crop
+  from vidtok_jax.inference.reconstruct import lossy_crop
 
   assert lossy_crop(720, 1280, (256, 256)) is None  # 16:9 to a square keeps 56%
   assert "keeps 14%" in lossy_crop(720, 1280, (256, 64))
@@ -223,7 +223,7 @@ def test_console_scripts_are_declared():
 
 def test_one_override_spelling_for_the_argparse_commands():
   from vidtok_jax.bench import parse_args
-  from vidtok_jax.commands import model_overrides_as_set
+  from vidtok_jax.cli import model_overrides_as_set
 
   assert model_overrides_as_set(["x", "--config.model.ch=32", "--set", "z_channels=8"]) == [
       "x", "--set", "ch=32", "--set", "z_channels=8"]

@@ -46,7 +46,7 @@ ERROR_LINE = re.compile(r"^(vidtok-[a-z-]+: )?error: ")
 
 
 def tiny_config(variant):
-  from vidtok_jax.train_configs import get_config
+  from vidtok_jax.train.configs import get_config
 
   return get_config(variant + ",tiny")
 
@@ -73,7 +73,7 @@ def latent_shape(variant, windows):
 def write_safetensors(variant, path, seed):
   """Random tiny weights under the official key names (what a user downloads, shrunk)."""
   import vidtok_jax
-  from vidtok_jax.convert import save_safetensors, state_dict_from_params
+  from vidtok_jax.weights import save_safetensors, state_dict_from_params
 
   params = random_params(vidtok_jax.abstract_params(tiny_config(variant).model), seed=seed)
   save_safetensors(state_dict_from_params(params), str(path))

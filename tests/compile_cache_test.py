@@ -1,4 +1,4 @@
-"""The persistent compilation cache (`vidtok_jax.compile_cache`): a restarted process loads the
+"""The persistent compilation cache (`vidtok_jax.train.compile_cache`): a restarted process loads the
 program its predecessor compiled, and says so. (`train_loop_test` checks the same on a
 restarted `train.py` run.)"""
 
@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-from vidtok_jax.compile_cache import cache_dir
+from vidtok_jax.train.compile_cache import cache_dir
 
 CHILD = r"""
 import json, sys
 import jax, jax.numpy as jnp
-from vidtok_jax import compile_cache
+from vidtok_jax.train import compile_cache
 compile_cache.enable(compile_cache.cache_dir("auto", sys.argv[1]))
 with compile_cache.Watch() as w:
   jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0).lower(jnp.ones((64, 64))).compile()
@@ -45,7 +45,7 @@ import jax, jax.numpy as jnp
 import numpy as np
 jax.distributed.initialize(f"localhost:{sys.argv[2]}", 2, int(sys.argv[3]))
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from vidtok_jax import compile_cache
+from vidtok_jax.train import compile_cache
 path = compile_cache.enable(compile_cache.cache_dir("auto", sys.argv[1]))
 sh = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d"))
 f = jax.jit(lambda x: jnp.sin(x) @ x.T + x.sum(), in_shardings=sh, out_shardings=sh)

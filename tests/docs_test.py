@@ -19,22 +19,22 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # How a command is spelled in the docs -> the source files defining its flags.
 ABSL_COMMANDS = {
-    "train.py": ["commands/train.py"],
-    "vidtok-train": ["commands/train.py"],
-    "eval.py": ["commands/eval.py", "cli_flags.py"],
-    "vidtok-eval": ["commands/eval.py", "cli_flags.py"],
-    "reconstruct.py": ["commands/reconstruct.py", "cli_flags.py"],
-    "vidtok-reconstruct": ["commands/reconstruct.py", "cli_flags.py"],
-    "vidtok_jax.tokenize": ["tokenize/__main__.py", "cli_flags.py"],
-    "vidtok-tokenize": ["tokenize/__main__.py", "cli_flags.py"],
+    "train.py": ["cli/train.py"],
+    "vidtok-train": ["cli/train.py"],
+    "eval.py": ["cli/eval.py", "cli/flags.py"],
+    "vidtok-eval": ["cli/eval.py", "cli/flags.py"],
+    "reconstruct.py": ["cli/reconstruct.py", "cli/flags.py"],
+    "vidtok-reconstruct": ["cli/reconstruct.py", "cli/flags.py"],
+    "vidtok_jax.tokenize": ["cli/tokenize.py", "cli/flags.py"],
+    "vidtok-tokenize": ["cli/tokenize.py", "cli/flags.py"],
 }
 ARGPARSE_COMMANDS = {
-    "vidtok_jax.convert": ["convert/__main__.py"],
-    "vidtok-convert": ["convert/__main__.py"],
-    "vidtok_jax.data": ["data/__main__.py"],
-    "vidtok-check-data": ["data/__main__.py"],
+    "vidtok_jax.cli.convert": ["cli/convert.py"],
+    "vidtok-convert": ["cli/convert.py"],
+    "vidtok_jax.data": ["cli/check_data.py"],
+    "vidtok-check-data": ["cli/check_data.py"],
     "vidtok_jax.bench": ["bench.py"],
-    "vidtok_jax.demo": ["demo.py"],
+    "vidtok_jax.cli.demo": ["cli/demo.py"],
     "vidtok_jax.planning.traffic": ["planning/traffic.py"],
 }
 # `python -m vidtok_jax.data.tfds_builder` is TFDS's own `build` command: its flags are TFDS's.
@@ -90,7 +90,7 @@ def argparse_flags(paths: tuple) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def config_fields() -> dict:
   """The training config as nested dicts (every command's `--config.X` overrides)."""
-  from vidtok_jax.train_configs import get_config
+  from vidtok_jax.train.configs import get_config
 
   return get_config("kl_causal_488_4chn").to_dict()
 
@@ -166,7 +166,7 @@ def test_every_documented_command_uses_defined_flags():
 @pytest.mark.parametrize("line, problem", [
     ("python eval.py --config=configs/vidtok.py:x --no_such_flag=1", "--no_such_flag"),
     ("vidtok-tokenize --out=t --config.model.no_such_field=3", "no such config field"),
-    ("python -m vidtok_jax.convert to-flax a.ckpt --outdir p", "--outdir"),
+    ("python -m vidtok_jax.cli.convert to-flax a.ckpt --outdir p", "--outdir"),
     ("make no-such-target", "does not exist"),
 ])
 def test_a_wrong_flag_is_caught(line, problem):

@@ -1,4 +1,4 @@
-"""Evaluation (`vidtok_jax/evaluation.py`, `eval.py`) on real clips with a tiny random model.
+"""Evaluation (`vidtok_jax/evaluation/evaluator.py`, `eval.py`) on real clips with a tiny random model.
 
 The library run checks the numbers against a direct recomputation; one `eval.py` subprocess run
 checks the command line, the JSON, the table and that a corrupt video is skipped, not fatal.
@@ -19,7 +19,7 @@ import pytest
 from conftest import SHARED, random_params
 
 import vidtok_jax
-from vidtok_jax import evaluation
+from vidtok_jax.evaluation import evaluator as evaluation
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.metrics.ssim import ssim
 

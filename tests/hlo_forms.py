@@ -80,7 +80,7 @@ def _probe(out_path):
   import jax
 
   import vidtok_jax
-  from vidtok_jax import aot
+  from vidtok_jax.planning import aot
   from vidtok_jax.train import mesh as mesh_lib
 
   res = {}

@@ -1,4 +1,4 @@
-"""Tests for vidtok_jax.losses: parity with the official loss functions + invariants."""
+"""Tests for vidtok_jax.train.losses: parity with the official loss functions + invariants."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import Ref, max_abs
-from vidtok_jax import losses
+from vidtok_jax.train import losses
 from vidtok_jax.models.discriminator import NLayerDiscriminator, disc_params_from_torch
 
 

@@ -66,7 +66,7 @@ def write_clip(path, seconds: int, seed: int, size: int = 64):
 def setup(tmp_path_factory):
   import orbax.checkpoint as ocp
 
-  from vidtok_jax import train_configs
+  from vidtok_jax.train import configs as train_configs
 
   t = tmp_path_factory.mktemp("multihost_eval")
   cfg = train_configs.get_config("kl_causal_488_4chn,tiny")

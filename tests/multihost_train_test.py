@@ -216,7 +216,7 @@ def test_two_processes_train_resume_and_fail_like_one(root):
 
 def test_exit_now_on_failure_skips_the_interpreter_exit(monkeypatch):
   """The hard exit (`train.py --distributed`): the status kept, nothing after it runs."""
-  from vidtok_jax import commands
+  from vidtok_jax import cli as commands
 
   exits = []
   monkeypatch.setattr(commands.os, "_exit", exits.append)

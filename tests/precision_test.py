@@ -12,7 +12,7 @@ from hlo_forms import TINY, cpu_only_forms, ops
 
 import vidtok_jax
 from vidtok_jax import train
-from vidtok_jax.precision import resolve_dtype, resolve_precision
+from vidtok_jax.train.precision import resolve_dtype, resolve_precision
 from vidtok_jax.train.loop import resolve_precision as resolve_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_every_model_conv_and_dot_carries_the_model_precision():
 
 
 def test_compilation_cache_setting():
-  from vidtok_jax.compile_cache import cache_dir
+  from vidtok_jax.train.compile_cache import cache_dir
 
   assert configs.get_config("kl_causal_488_4chn").compilation_cache_dir == "auto"
   assert cache_dir("auto", "runs/x") == "runs/x/xla_cache"  # on by default, under the workdir

@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO
 
 import vidtok_jax
-from vidtok_jax import pretrained
-from vidtok_jax.convert import state_dict_from_params
+from vidtok_jax.weights import hub as pretrained
+from vidtok_jax.weights import state_dict_from_params
 from vidtok_jax.models.autoencoder import abstract_params, random_params
 
 NAME, OVERRIDES = "fsq_causal_488_262144", dict(ch=16)
@@ -106,7 +106,7 @@ def test_offline_without_torch_and_cached_conversion(hub, tmp_path):
   hf_home, cfg, state_dict = hub
   script = BLOCK_TORCH + textwrap.dedent(f"""
       import json, numpy as np, vidtok_jax
-      from vidtok_jax.convert import keys, torch_zip
+      from vidtok_jax.weights import keys, torch_zip
 
       model, params = vidtok_jax.from_pretrained({NAME!r}, ch=16)
       np.savez({str(tmp_path / "first.npz")!r}, **{{"/".join(map(str, (p.key for p in path))): x
@@ -198,7 +198,7 @@ def test_clis_take_pretrained(script):
 
 
 def test_weights_source():
-  from vidtok_jax import cli_flags
+  from vidtok_jax.cli import flags as cli_flags
 
   assert cli_flags.weights_source("pretrained", "kl_causal_488_4chn") == "hf:kl_causal_488_4chn"
   assert cli_flags.weights_source("torch_checkpoint", "x.ckpt") == "x.ckpt"

@@ -1,4 +1,4 @@
-"""`reconstruct.py` / `vidtok_jax.reconstruct` on tiny models with random weights.
+"""`reconstruct.py` / `vidtok_jax.inference.reconstruct` on tiny models with random weights.
 
 Two CLI runs cover the command end to end (a `convert to-flax`-style orbax params folder via
 `--checkpoint`): KL `--input` with `--save_tokens` on a real clip, and FSQ `--tokens` on a tokens
@@ -24,7 +24,7 @@ import pytest
 from conftest import SHARED, random_params
 
 import vidtok_jax
-from vidtok_jax import reconstruct as rc
+from vidtok_jax.inference import reconstruct as rc
 from vidtok_jax.data import VideoDecodeError, decode
 from vidtok_jax.metrics.psnr import psnr
 

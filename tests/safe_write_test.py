@@ -1,8 +1,8 @@
-"""vidtok_jax.safe_write: refusal to replace, and no half file after an interrupted write."""
+"""vidtok_jax.files: refusal to replace, and no half file after an interrupted write."""
 
 import pytest
 
-from vidtok_jax.safe_write import OutputExistsError, atomic_path, refuse_existing, write_text
+from vidtok_jax.files import OutputExistsError, atomic_path, refuse_existing, write_text
 
 
 def test_refuses_existing_unless_forced(tmp_path):

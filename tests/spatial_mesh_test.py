@@ -34,7 +34,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 from spatial_mesh_test import CASES, tiny
-from vidtok_jax import aot, train
+from vidtok_jax import train
+from vidtok_jax.planning import aot
 from vidtok_jax.models.autoencoder import random_params
 import vidtok_jax
 

@@ -5,7 +5,9 @@ files): evaluation, reconstruction and the TFDS dataset build (hence training an
 import numpy as np
 from multistream import BEST_INDEX, LARGE, write_two_stream_video
 
-from vidtok_jax import evaluation, reconstruct
+from vidtok_jax.evaluation import evaluator as evaluation
+
+from vidtok_jax.inference import reconstruct
 
 
 def test_eval_videos_read_and_record_the_best_stream(tmp_path):

@@ -59,7 +59,7 @@ def peak_rss_mb(cmd, log):
 def setup(tmp_path_factory):
   import orbax.checkpoint as ocp
 
-  from vidtok_jax import train_configs
+  from vidtok_jax.train import configs as train_configs
 
   t = tmp_path_factory.mktemp("stream_memory")
   cfg = train_configs.get_config("fsq_causal_488_4096,tiny")

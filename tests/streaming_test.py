@@ -1,4 +1,4 @@
-"""Whole videos through `vidtok_jax.streaming.Streamer` (SPEC 1.3, 6.2-6.4): official long-video
+"""Whole videos through `vidtok_jax.inference.streaming.Streamer` (SPEC 1.3, 6.2-6.4): official long-video
 parity, equality with the in-model tiled path, the frame-count rule of every family, one compile
 per chunk shape, spatial tiling and sharding, and the errors.
 
@@ -22,7 +22,7 @@ from conftest import REPO, Ref, max_abs, ncthw_to_nthwc, nthwc_to_ncthw, random_
 import vidtok_jax
 from vidtok_jax.models.autoencoder import abstract_params
 from vidtok_jax.models.tiling import chunk_bounds
-from vidtok_jax.streaming import Streamer, _tile_starts, blend_weights, pad_frames, valid_length
+from vidtok_jax.inference.streaming import Streamer, _tile_starts, blend_weights, pad_frames, valid_length
 
 # Reference README: whole models atol=2e-4, rtol=1e-4 (float32 port vs float64 reference).
 ATOL, RTOL = 2e-4, 1e-4
@@ -502,7 +502,7 @@ SHARDED_CHILD = textwrap.dedent("""
     import numpy as np
     import vidtok_jax
     from vidtok_jax.models.autoencoder import abstract_params, random_params
-    from vidtok_jax.streaming import Streamer
+    from vidtok_jax.inference.streaming import Streamer
 
     assert len(jax.devices()) == 4, jax.devices()
     name = "vidtok_kl_causal_488_4chn"
@@ -645,7 +645,7 @@ def test_bad_tile_batch():
 
 
 def test_progress_counts_real_frames_not_padding():
-  from vidtok_jax.streaming import _RealFrames
+  from vidtok_jax.inference.streaming import _RealFrames
 
   class Bar:
     n = 0

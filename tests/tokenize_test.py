@@ -20,7 +20,7 @@ import pytest
 from conftest import SHARED, random_params
 
 import vidtok_jax
-from vidtok_jax import evaluation
+from vidtok_jax.evaluation import evaluator as evaluation
 from vidtok_jax.data import read_video_list, sampling
 from vidtok_jax.data import tokens as token_data
 from vidtok_jax.metrics import rate

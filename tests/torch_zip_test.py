@@ -1,4 +1,4 @@
-"""The torch-free `.ckpt` reader (vidtok_jax/convert/torch_zip.py) against `torch.load`.
+"""The torch-free `.ckpt` reader (vidtok_jax/weights/torch_zip.py) against `torch.load`.
 
 torch (and lightning) write the files here; the reader itself never imports torch (checked in
 pretrained_test.py, where torch is made unimportable).
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from vidtok_jax.convert import load_state_dict, torch_zip
+from vidtok_jax.weights import load_state_dict, torch_zip
 
 torch = pytest.importorskip("torch", reason="torch writes the test files")
 
@@ -167,4 +167,4 @@ def test_corrupt_archive_is_named(tmp_path):
 def test_no_torch_import():
   assert "torch" not in torch_zip.__dict__
   src = open(torch_zip.__file__).read()
-  assert "import torch" not in src and sys.modules.get("vidtok_jax.convert.torch_zip")
+  assert "import torch" not in src and sys.modules.get("vidtok_jax.weights.torch_zip")

@@ -11,8 +11,8 @@ import pytest
 from conftest import random_params
 
 import vidtok_jax
-from vidtok_jax.convert.io import save_safetensors
-from vidtok_jax.convert.keys import state_dict_from_params
+from vidtok_jax.weights.io import save_safetensors
+from vidtok_jax.weights.keys import state_dict_from_params
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train import loop
 

@@ -19,7 +19,8 @@ import pytest
 from conftest import random_params
 
 import vidtok_jax
-from vidtok_jax import losses, train
+from vidtok_jax import train
+from vidtok_jax.train import losses
 from vidtok_jax.train.step import get_last_layer
 
 TESTS = pathlib.Path(__file__).resolve().parent

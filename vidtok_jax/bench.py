@@ -27,7 +27,7 @@ for the compute dtype where the device is known (`--peak_tflops` otherwise).
 that TPU slice from this machine (needs libtpu: `pip install -e .[tpu]`), with the project's
 mesh (`--mesh data=16,space=4`) and shardings, and reports per chip: HBM needed (arguments,
 outputs, temporaries, aliasing) against the chip's HBM, XLA's TPU cost analysis, a roofline
-step time and the compiled collectives (`vidtok_jax.aot`); nothing runs. `--topology cpu` does
+step time and the compiled collectives (`vidtok_jax.planning.aot`); nothing runs. `--topology cpu` does
 the same for this host's devices. With `--topology`, `--fit 17x128,17x256` finds for each
 topology (comma list) x `--fit_remats` the largest per-chip batch of those clips that fits
 (batches 1 and 2 compiled, the rest predicted linearly, the prediction confirmed by a compile).
@@ -96,7 +96,7 @@ def train_config(variant: str, model_overrides: dict, dtype: str, batch: int, fr
                  size: int, precision: str = "auto", lpips: bool = True, stage: int = 1):
   """The repo's training config (`configs/vidtok.py`) of `variant` and `stage` with the bench's
   overrides."""
-  from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
+  from vidtok_jax.train.configs import get_config  # what configs/vidtok.py re-exports
 
   cfg = get_config(f"{variant.removeprefix('vidtok_')},stage={stage}")
   import vidtok_jax
@@ -115,7 +115,7 @@ def model_config(a, dtype: str):
   `--set` overrides, `--remat`, compute `dtype` and the precision `--precision` resolves to
   for it (auto: the backend default with bf16)."""
   import vidtok_jax
-  from vidtok_jax.precision import resolve_precision
+  from vidtok_jax.train.precision import resolve_precision
 
   precision = resolve_precision(a.precision, dtype, a.overrides.get("precision", "highest"))
   return vidtok_jax.load_config(a.config, **{**a.overrides, "remat": a.remat, "dtype": dtype,
@@ -179,7 +179,7 @@ def build(op: str, a):
       return jnp.mean(jnp.abs(y.astype(jnp.float32) - x[:, x.shape[1] - y.shape[1]:]))
 
     if grad_mode(a.grad) == "staged":
-      from vidtok_jax.compile_options import compiler_options
+      from vidtok_jax.train.compile_options import compiler_options
       from vidtok_jax.staged_grad import StagedGrad
 
       fn = StagedGrad(model, l1, compute_aux=False, residual_budget_mib=a.residual_budget_mib,
@@ -211,7 +211,7 @@ def run_op(op: str, a) -> dict:
   """Compiles and times one op in this process; its record."""
   import jax
 
-  from vidtok_jax.compile_options import compiler_options
+  from vidtok_jax.train.compile_options import compiler_options
 
   dev = jax.devices()[0]
   rec = dict(op=op, config=a.config, shape=list(a.shape), dtype=a.dtype,
@@ -327,7 +327,7 @@ def fit(a) -> list:
   """The largest clip of `--fit_clips` whose batch-1 train step fits each budget (estimate)."""
   import jax
 
-  from vidtok_jax.compile_options import compiler_options
+  from vidtok_jax.train.compile_options import compiler_options
 
   budgets = [float(v) for v in a.fit.split(",")]
   clips = [tuple(int(v) for v in c.split("x")) for c in a.fit_clips.split(",")]
@@ -376,8 +376,8 @@ def topology_main(a):
   """`--topology`: ahead-of-time train-step plans (or `--fit` searches) for a device slice."""
   import jax
 
-  from vidtok_jax import aot
-  from vidtok_jax.precision import resolve_dtype
+  from vidtok_jax.planning import aot
+  from vidtok_jax.train.precision import resolve_dtype
 
   bad = [op for op in a.op_list if op not in ("train_step", "encode", "decode")]
   if bad and not a.fit:
@@ -545,7 +545,7 @@ def parse_args(argv=None):
   p.add_argument("--fit_dtypes", default="float32,bfloat16")
   p.add_argument("--fit_remats", default="none,convs,blocks")
   p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-  from vidtok_jax.commands import model_overrides_as_set
+  from vidtok_jax.cli import model_overrides_as_set
 
   a = p.parse_args(model_overrides_as_set(sys.argv[1:] if argv is None else argv))
   try:
@@ -569,7 +569,7 @@ def main(argv=None):
   vidtok_jax.load_config(a.config, **a.overrides)
   if a.topology:
     return topology_main(a)
-  from vidtok_jax.precision import resolve_dtype
+  from vidtok_jax.train.precision import resolve_dtype
 
   a.dtype = resolve_dtype(a.dtype)
   if a._one:

@@ -53,7 +53,7 @@ class VidTok(nn.Module):
   chunks, the steady chunks under one `lax.scan`. The explicit-state steps behind them are
   `encode_chunk(x, state) -> (z, aux, state)` and `decode_chunk(z, state, use_overlap) ->
   (video, state)` (state None for the first chunk), for streaming a video of any length with one
-  compiled step (`vidtok_jax.streaming`).
+  compiled step (`vidtok_jax.inference.streaming`).
   """
 
   config: Any
@@ -179,7 +179,7 @@ class VidTok(nn.Module):
     f = self.config.time_downsample_factor
     if self.config.version == "v1.0" and (x.shape[1] - 1) % f:
       raise ValueError(f"chunked v1.0 encoding needs 1 + {f}k frames, got {x.shape[1]} (pad the "
-                       f"end with vidtok_jax.streaming.pad_frames)")
+                       f"end with vidtok_jax.inference.streaming.pad_frames)")
     model, variables = self.clone(parent=None), self.variables
 
     def step_fn(xc, state, key, kind):

@@ -3,7 +3,7 @@
 Every module works on channels-last videos `(B, T, H, W, C)`. Per-frame 2-D convs are 3-D convs
 with kernel `(1, kh, kw)` and per-pixel temporal convs are 3-D convs with kernel `(k, 1, 1)`, so
 no layout changes are needed (`conv3d` picks the fastest lowering per platform). Module and
-parameter names mirror the official PyTorch module tree (see `vidtok_jax.convert.keys`), e.g. a
+parameter names mirror the official PyTorch module tree (see `vidtok_jax.weights.keys`), e.g. a
 causal conv is a module holding a child named `conv`.
 
 Platform: the forms `conv3d` picks are chosen when the model is traced, for the platform the

@@ -23,7 +23,7 @@ def folder_items(paths, root, sample_fps: float):
   """`evaluation.folder_videos` items named by their path relative to `root` (so the records
   and the job identity do not depend on where the dataset is mounted)."""
   from vidtok_jax.data.decode import printable_path
-  from vidtok_jax.evaluation import folder_videos
+  from vidtok_jax.evaluation.evaluator import folder_videos
 
   items = list(folder_videos(paths, sample_fps))
   for item in items:

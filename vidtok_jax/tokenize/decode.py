@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vidtok_jax
-from vidtok_jax.evaluation import params_sha256
+from vidtok_jax.evaluation.evaluator import params_sha256
 
 
 def decode_record(config, params, record: dict, manifest: dict) -> np.ndarray:
@@ -24,7 +24,7 @@ def decode_record(config, params, record: dict, manifest: dict) -> np.ndarray:
   z = z.astype(np.int32) if fsq else z.astype(np.float32)
   t = int(record["input_frames"])
   if manifest["protocol"]["mode"] == "long":
-    from vidtok_jax.streaming import Streamer
+    from vidtok_jax.inference.streaming import Streamer
 
     y = Streamer(spec, params, t_chunk_enc=16, window=16).decode(z, t, indices=fsq)
   else:

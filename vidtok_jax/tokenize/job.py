@@ -40,7 +40,7 @@ import vidtok_jax
 from vidtok_jax.data import frames as frames_lib
 from vidtok_jax.data import sampling
 from vidtok_jax.data import tokens as token_format
-from vidtok_jax.evaluation import default_batch_size, params_sha256
+from vidtok_jax.evaluation.evaluator import default_batch_size, params_sha256
 from vidtok_jax.metrics import rate as rate_lib
 
 log = logging.getLogger("vidtok_jax.tokenize")
@@ -317,7 +317,7 @@ class TokenizeJob:
 
   def encode_long(self, clip01, video_index: int = 0) -> dict:
     """Arrays `{name: (1, ...)}` of one long clip (1, T, h, w, 3) in [0, 1], streamed."""
-    from vidtok_jax.streaming import Streamer
+    from vidtok_jax.inference.streaming import Streamer
 
     if self._streamer is None:
       self._streamer = Streamer(self.spec, self.params, t_chunk_enc=sampling.LONG_CHUNK,

@@ -581,7 +581,7 @@ def _params_from_orbax_tree(path: epath.Path):
 def _config_hints(stored, config, template) -> list:
   """`convert.infer.config_hints` of a stored state dict / params tree vs the config's."""
   from vidtok_jax.config import ModelSpec
-  from vidtok_jax.convert.infer import config_hints, torch_shapes
+  from vidtok_jax.weights.infer import config_hints, torch_shapes
   from vidtok_jax.train.state import model_config
 
   try:
@@ -598,13 +598,13 @@ def load_init_params(path, config, *, use_ema: bool = False, details: Optional[d
   """Params to start a run from (stage 2 `init_from`, or fine-tuning an official model):
   - a train workdir or its checkpoints dir (latest good step; g_params["model"], or the EMA
     shadow's "model" when use_ema and present), or one step folder of it,
-  - an orbax params folder written by `python -m vidtok_jax.convert to-flax` (a bare params tree
-    saved with ocp.StandardCheckpointer; see vidtok_jax/convert/__main__.py),
-  - an official `.ckpt` / `.safetensors` state dict (via vidtok_jax.convert.io.load_state_dict
-    + vidtok_jax.convert.keys.params_from_state_dict with the template
+  - an orbax params folder written by `python -m vidtok_jax.cli.convert to-flax` (a bare params tree
+    saved with ocp.StandardCheckpointer; see vidtok_jax/cli/convert.py),
+  - an official `.ckpt` / `.safetensors` state dict (via vidtok_jax.weights.io.load_state_dict
+    + vidtok_jax.weights.keys.params_from_state_dict with the template
     `vidtok_jax.abstract_params(vidtok_jax.train.state.model_config(config))`),
   - `"hf:NAME"`: the official weights of variant NAME from the Hugging Face hub (downloaded and
-    converted once, then cached; see vidtok_jax/pretrained.py).
+    converted once, then cached; see vidtok_jax/weights/hub.py).
   Shapes are checked against `config.model`; a mismatch raises CheckpointError (a ValueError)
   naming the config field that differs when the shapes tell (e.g. "this checkpoint has ch=32
   ...; pass --config.model.ch=32"), else the keys.
@@ -616,8 +616,8 @@ def load_init_params(path, config, *, use_ema: bool = False, details: Optional[d
   Raises `CheckpointNotFoundError` (a FileNotFoundError and ValueError) for a missing path, and
   `CheckpointError` (a ValueError) for a folder without checkpoints or a corrupt one.
   """
-  from vidtok_jax.convert.io import load_state_dict
-  from vidtok_jax.convert.keys import params_from_state_dict
+  from vidtok_jax.weights.io import load_state_dict
+  from vidtok_jax.weights.keys import params_from_state_dict
 
   details = {} if details is None else details
   details.update(step=None, source="params")
@@ -665,7 +665,7 @@ def load_init_params(path, config, *, use_ema: bool = False, details: Optional[d
 
 
 def _hub_params(spec, config, use_ema):
-  from vidtok_jax import pretrained
+  from vidtok_jax.weights import hub as pretrained
   from vidtok_jax.config import VARIANTS
   from vidtok_jax.train.state import model_config
 

@@ -29,9 +29,9 @@ import jax
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from vidtok_jax import compile_cache
-from vidtok_jax import precision as precision_lib
-from vidtok_jax.compile_options import compiler_options
+from vidtok_jax.train import compile_cache
+from vidtok_jax.train import precision as precision_lib
+from vidtok_jax.train.compile_options import compiler_options
 from vidtok_jax.data import config as data_config_lib
 from vidtok_jax.train import checkpoint as ckpt_lib
 from vidtok_jax.train import mesh as mesh_lib

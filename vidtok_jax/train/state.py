@@ -30,8 +30,8 @@ import ml_collections
 import optax
 
 import vidtok_jax
-from vidtok_jax import losses
-from vidtok_jax import precision as precision_lib
+from vidtok_jax.train import losses
+from vidtok_jax.train import precision as precision_lib
 from vidtok_jax.models.discriminator import NLayerDiscriminator, NLayerDiscriminator3D
 
 # Top-level VidTok param subtrees frozen by `fix_encoder` ("regularization" holds the FSQ

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 import vidtok_jax
-from vidtok_jax import losses
+from vidtok_jax.train import losses
 from vidtok_jax.models import layers
 from vidtok_jax.train import mesh as mesh_lib
 from vidtok_jax.train import state as state_lib

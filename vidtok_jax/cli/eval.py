@@ -28,8 +28,8 @@ import sys
 
 from absl import app, flags
 
-from vidtok_jax import cli_flags
-from vidtok_jax.commands import check_positive
+from vidtok_jax.cli import flags as cli_flags
+from vidtok_jax.cli import check_positive
 
 OFFICIAL_SAMPLE_FPS = 30.0  # official inference_evaluate.py default; training validation uses 8
 
@@ -97,7 +97,7 @@ def main(argv):
                          os.path.exists(FLAGS.data_dir) else
                          f"--data_dir {FLAGS.data_dir} is not a folder")
   kind, source = cli_flags.one_of(cli_flags.WEIGHT_FLAGS)
-  from vidtok_jax.safe_write import refuse_existing, write_text
+  from vidtok_jax.files import refuse_existing, write_text
 
   refuse_existing([FLAGS.output], FLAGS.force)  # before any slow work
   import tensorflow as tf  # the data stack's; keep it off the accelerators
@@ -108,7 +108,7 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from vidtok_jax import evaluation
+  from vidtok_jax.evaluation import evaluator as evaluation
   from vidtok_jax.train.checkpoint import load_init_params
 
   logging.getLogger("vidtok_jax").setLevel(logging.INFO)
@@ -183,14 +183,14 @@ def _all_done():
   rate pass and writes the JSON, which can take longer than `jax.distributed.shutdown`'s timeout
   that the other processes would otherwise wait in at exit; the coordination service's barrier
   waits as long as it takes, and fails at once if a process died."""
-  from vidtok_jax import compile_cache
+  from vidtok_jax.train import compile_cache
 
   compile_cache.barrier("vidtok_eval_written", DONE_TIMEOUT_S)
 
 
 def run():
   """The console entry point (`vidtok-eval`)."""
-  from vidtok_jax.commands import run as run_command
+  from vidtok_jax.cli import run as run_command
 
   # With --distributed a failed process exits at once (`os._exit`, after printing its error), as
   # train.py's: the normal interpreter exit would wait in `jax.distributed.shutdown` for peers

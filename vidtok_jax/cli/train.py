@@ -77,7 +77,7 @@ def main(argv):
 
 def run():
   """The console entry point (`vidtok-train`)."""
-  from vidtok_jax.commands import run as run_command
+  from vidtok_jax.cli import run as run_command
 
   # With --distributed a failed process exits at once (`os._exit`, after printing its error):
   # the normal interpreter exit would wait in `jax.distributed.shutdown` for peers that wait in

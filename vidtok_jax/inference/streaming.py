@@ -52,7 +52,7 @@ from vidtok_jax.models.autoencoder import VidTok
 from vidtok_jax.models.tiling import chunk_bounds
 from vidtok_jax.sharding import height_sharding
 
-log = logging.getLogger("vidtok_jax.streaming")
+log = logging.getLogger("vidtok_jax.inference.streaming")
 
 
 def valid_length(spec: ModelSpec, t: int, window: int = 16) -> int:

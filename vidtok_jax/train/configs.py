@@ -116,7 +116,7 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
   # or "bfloat16": bf16 compute (model, LPIPS backbone, discriminator) with float32 params,
   # optimizer state, norm statistics, regularizer/FSQ and loss reductions (official: bf16-mixed).
   t.dtype = "auto"
-  # Conv/matmul precision (vidtok_jax.precision): "auto" = the backend default with bf16, the
+  # Conv/matmul precision (vidtok_jax.train.precision): "auto" = the backend default with bf16, the
   # model's "highest" (exact) with float32; "tf32" = float32 with TF32 convs on A100/H100
   # (PyTorch's cuDNN default); or "default" / "high" / "highest".
   t.precision = "auto"

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vidtok_jax.convert import torch_zip
-from vidtok_jax.convert.keys import _to_numpy
+from vidtok_jax.weights import torch_zip
+from vidtok_jax.weights.keys import _to_numpy
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

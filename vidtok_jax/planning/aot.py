@@ -153,7 +153,7 @@ def lower_train_step(cfg, devices, backend: Optional[str] = None, shape=None):
   `(B, T, H, W, 3)` (default: the config's data shape). The program is built for the devices'
   platform (`backend`, default theirs): its dtype, precision and platform-dependent forms are
   the target's, and the record's `dtype` / `precision` are the program's. `cfg` is not changed."""
-  from vidtok_jax.compile_options import compiler_options
+  from vidtok_jax.train.compile_options import compiler_options
   from vidtok_jax.train import mesh as mesh_lib
   from vidtok_jax.train import step as step_lib
 
@@ -204,7 +204,7 @@ def lower_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
   from jax.sharding import PartitionSpec as P
 
   import vidtok_jax
-  from vidtok_jax.compile_options import compiler_options
+  from vidtok_jax.train.compile_options import compiler_options
   from vidtok_jax.models import layers
   from vidtok_jax.train import mesh as mesh_lib
 

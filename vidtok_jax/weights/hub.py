@@ -23,7 +23,7 @@ from vidtok_jax.config import VARIANTS, load_config
 
 HUB_REPO = "microsoft/VidTok"
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-only keys of official checkpoints
-_CACHE_FORMAT = "vidtok_jax.pretrained/1"
+_CACHE_FORMAT = "vidtok_jax.weights.hub/1"
 
 
 def variant_name(name: str) -> str:
@@ -146,8 +146,8 @@ def _flatten_abstract(tree, prefix=""):
 
 
 def _convert(path, cfg):
-  from vidtok_jax.convert.io import load_state_dict
-  from vidtok_jax.convert.keys import params_from_state_dict
+  from vidtok_jax.weights.io import load_state_dict
+  from vidtok_jax.weights.keys import params_from_state_dict
   from vidtok_jax.models.autoencoder import abstract_params
 
   template = abstract_params(cfg)

@@ -42,11 +42,11 @@ from vidtok_jax.data import sampling
 from vidtok_jax.data.decode import FrameStream
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.models.autoencoder import output_frames
-from vidtok_jax.safe_write import atomic_path, refuse_existing, write_text
+from vidtok_jax.files import atomic_path, refuse_existing, write_text
 
-log = logging.getLogger("vidtok_jax.reconstruct")
+log = logging.getLogger("vidtok_jax.inference.reconstruct")
 
-FORMAT = "vidtok_jax.reconstruct/1"
+FORMAT = "vidtok_jax.inference.reconstruct/1"
 SEED = 42
 _META_KEYS = ("format", "variant", "fps", "size", "num_frames", "num_input_frames")
 
@@ -289,11 +289,11 @@ _LONG_DEFAULTS = dict(t_chunk_enc=16, use_overlap=True, tile=None, tile_overlap=
 def reconstruct_long(model_config, params, frames01, *, progress: bool = False, **options):
   """The whole video `(N, H, W, 3)` in [0, 1] -> `(recon01 (N, H, W, 3), tokens)`, streamed
   chunk by chunk in bounded memory (official `--read_long_video`: v1.1 tiled inference with
-  16-frame chunks and overlap), see `vidtok_jax.streaming.Streamer` for `options` (t_chunk_enc,
+  16-frame chunks and overlap), see `vidtok_jax.inference.streaming.Streamer` for `options` (t_chunk_enc,
   use_overlap, tile, tile_overlap, mesh). Every frame comes back (the padding rule of
   `Streamer.reconstruct`). tokens: FSQ indices `(1, T', h, w)` or the KL posterior mode
   `(1, T', h, w, C)` (deterministic: no sampling in long mode)."""
-  from vidtok_jax.streaming import Streamer
+  from vidtok_jax.inference.streaming import Streamer
 
   options = dict(_LONG_DEFAULTS, **options)
   codec = Streamer(model_config, params, **options)
@@ -306,7 +306,7 @@ def reconstruct_long(model_config, params, frames01, *, progress: bool = False, 
 
 def decode_long_tokens(model_config, params, tok: dict, progress: bool = False, **options):
   """A long-video tokens dict (`load_tokens`, `long_video` set) -> video `(N, H, W, 3)` [0, 1]."""
-  from vidtok_jax.streaming import Streamer
+  from vidtok_jax.inference.streaming import Streamer
 
   opts = dict(_LONG_DEFAULTS, t_chunk_enc=int(tok.get("t_chunk_enc", 16)),
               use_overlap=bool(tok.get("use_overlap", True)))
@@ -420,7 +420,7 @@ def load_tokens(path, *, variant: Optional[str] = None, model_config=None) -> di
   if not ("indices" in d or "latents" in d):
     missing.insert(0, "indices or latents")
   if missing:
-    raise ValueError(f"{path} is not a tokens file of vidtok_jax.reconstruct: missing key(s) "
+    raise ValueError(f"{path} is not a tokens file of vidtok_jax.inference.reconstruct: missing key(s) "
                      f"{', '.join(missing)}")
   if str(d["format"]) != FORMAT:
     raise ValueError(f"{path}: unknown tokens format {str(d['format'])!r} (expected {FORMAT!r})")

@@ -1,17 +1,17 @@
 """The command-line programs, installed with the package as console scripts:
 
-    vidtok-train        = train.py        (vidtok_jax.commands.train)
-    vidtok-eval         = eval.py         (vidtok_jax.commands.eval)
-    vidtok-reconstruct  = reconstruct.py  (vidtok_jax.commands.reconstruct)
-    vidtok-tokenize     = python -m vidtok_jax.tokenize  (vidtok_jax.tokenize.__main__)
-    vidtok-convert      = python -m vidtok_jax.convert
+    vidtok-train        = train.py        (vidtok_jax.cli.train)
+    vidtok-eval         = eval.py         (vidtok_jax.cli.eval)
+    vidtok-reconstruct  = reconstruct.py  (vidtok_jax.cli.reconstruct)
+    vidtok-tokenize     = python -m vidtok_jax.tokenize  (vidtok_jax.cli.tokenize)
+    vidtok-convert      = python -m vidtok_jax.cli.convert
     vidtok-check-data   = python -m vidtok_jax.data
 
 `train.py` / `eval.py` / `reconstruct.py` of a checkout are thin scripts calling the same `run`
 (the tokenizer's `python -m` entry too).
 What `run` adds to `absl.app.run`:
 * `--config=configs/vidtok.py:...` works outside a checkout: when that file is not there, the
-  copy bundled in the package (`vidtok_jax/train_configs.py`) is used;
+  copy bundled in the package (`vidtok_jax/train/configs.py`) is used;
 * `--help` lists the command's own flags (absl lists only the main module's, and the flags live
   here, not in the script);
 * a usage or input error (bad flag value, missing folder, broken or mismatched checkpoint, an
@@ -27,8 +27,8 @@ CONFIG_FILE = "vidtok.py"  # `configs/vidtok.py` of a checkout
 
 def bundled_config_path() -> str:
   """The packaged copy of `configs/vidtok.py` (same `get_config`)."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "train_configs.py")
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train",
+                      "configs.py")
 
 
 def resolve_config_arg(argv):
@@ -68,7 +68,7 @@ def _user_errors():
   """Exceptions that mean bad input, reported as one line."""
   from absl import app
 
-  from vidtok_jax.safe_write import OutputExistsError
+  from vidtok_jax.files import OutputExistsError
   from vidtok_jax.train.checkpoint import CheckpointError
 
   return (app.UsageError, CheckpointError, OutputExistsError, FileNotFoundError,
@@ -87,7 +87,7 @@ def _prepare(module_name: str):
 
   fv = flags.FLAGS
   by_module = fv.flags_by_module_dict()
-  for name in (module_name, "vidtok_jax.cli_flags"):
+  for name in (module_name, "vidtok_jax.cli.flags"):
     for flag in by_module.get(name, []):
       fv.register_key_flag_for_module(sys.argv[0], flag)
   main_module = sys.modules.get("__main__")

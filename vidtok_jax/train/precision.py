@@ -24,7 +24,7 @@ ACCELERATORS = ("gpu", "tpu", "cuda", "rocm")
 def resolve_dtype(dtype: str, backend: Optional[str] = None) -> str:
   """`"auto"` -> `"bfloat16"` on a GPU/TPU `backend`, `"float32"` otherwise. `backend`: the
   platform the program is compiled for; the default, JAX's default backend, is right only for
-  this host's own devices (`make_train_step` and `vidtok_jax.aot` pass their target's)."""
+  this host's own devices (`make_train_step` and `vidtok_jax.planning.aot` pass their target's)."""
   if dtype not in DTYPES:
     raise ValueError(f"config.train.dtype: one of {DTYPES}, got {dtype!r}")
   if dtype != "auto":

@@ -21,7 +21,7 @@ decodes the same way. Writes `<stem>_recon.mp4`,
 `<stem>_side_by_side.mp4` (input | reconstruction, with `--concat_input`), `<stem>_psnr.png`,
 `<stem>_psnr.json` and, with `--save_tokens`, `<stem>_tokens.npz` (FSQ indices or KL posterior
 means). Existing outputs are refused before any work unless `--force`; each file is written
-under a temporary name and renamed when complete. See `vidtok_jax/reconstruct.py` for the
+under a temporary name and renamed when complete. See `vidtok_jax/inference/reconstruct.py` for the
 library functions.
 """
 
@@ -29,8 +29,8 @@ import logging
 
 from absl import app, flags
 
-from vidtok_jax import cli_flags
-from vidtok_jax.commands import check_positive
+from vidtok_jax.cli import flags as cli_flags
+from vidtok_jax.cli import check_positive
 
 FLAGS = flags.FLAGS
 cli_flags.define_model_flags()
@@ -81,8 +81,8 @@ def main(argv):
     long = dict(t_chunk_enc=FLAGS.chunk_size, use_overlap=FLAGS.use_overlap, tile=tile,
                 tile_overlap=FLAGS.tile_overlap)
   import vidtok_jax
-  from vidtok_jax import reconstruct
-  from vidtok_jax.safe_write import refuse_existing
+  from vidtok_jax.inference import reconstruct
+  from vidtok_jax.files import refuse_existing
   from vidtok_jax.train.checkpoint import load_init_params
 
   logging.getLogger("vidtok_jax").setLevel(logging.INFO)
@@ -90,7 +90,7 @@ def main(argv):
   variant = config.get("variant", config.model.get("name"))
   model = vidtok_jax.VidTok(config.model)
   # Cheap checks first: a bad size, video, tokens file or existing output fails before the
-  # weights load (errors are printed alone, one line: vidtok_jax.commands.run).
+  # weights load (errors are printed alone, one line: vidtok_jax.cli.run).
   if FLAGS.input:
     num_frames = FLAGS.num_frames or reconstruct.default_num_frames(model.config)
     reconstruct.check_window(model.config, num_frames, height, width)
@@ -122,7 +122,7 @@ def main(argv):
 
 def run():
   """The console entry point (`vidtok-reconstruct`)."""
-  from vidtok_jax.commands import run as run_command
+  from vidtok_jax.cli import run as run_command
 
   run_command(__name__, main)
 
