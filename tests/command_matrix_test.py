@@ -83,7 +83,7 @@ def export_flax(workdir, variant, out):
   """The trained params as a bare Flax tree (the format `to-flax` writes, `to-torch` reads)."""
   import orbax.checkpoint as ocp
 
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params as load_init_params
 
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out, load_init_params(str(workdir), tiny_config(variant)))
@@ -120,9 +120,13 @@ def matrix_cases(t):
     cases[f"recon_{fam}"] = Case(["vidtok-reconstruct", *model, f"--input={clip}",
                                   f"--size={SIZE}", f"--output_dir={t / ('recon_' + fam)}",
                                   "--save_tokens"], after=[f"train_{fam}"])
+    # to-torch reads any weights source: the KL case a train workdir as `vidtok-train` left it,
+    # the FSQ case the bare tree that `to-flax` writes.
+    source, prep = (w, None) if fam == "kl" else (
+        flax, lambda w=w, v=variant, f=flax: export_flax(w, v, f))
     cases[f"to_torch_{fam}"] = Case(
-        ["vidtok-convert", "to-torch", str(flax), *convert_flags(variant), "--out", str(st)],
-        after=[f"train_{fam}"], prepare=lambda w=w, v=variant, f=flax: export_flax(w, v, f))
+        ["vidtok-convert", "to-torch", str(source), *convert_flags(variant), "--out", str(st)],
+        after=[f"train_{fam}"], prepare=prep)
     cases[f"to_flax_{fam}"] = Case(["vidtok-convert", "to-flax", str(st), *convert_flags(variant)],
                                    after=[f"to_torch_{fam}"])  # default --out: <file>_flax
     cases[f"recon_tokens_{fam}"] = Case(
@@ -159,9 +163,9 @@ def matrix_cases(t):
   cases["bad_tokenize"] = Case(["vidtok-tokenize", config_flag(MAIN["kl"]),
                                 f"--workdir={t / 'w_kl'}", f"--decode={clips}"],
                                after=["train_kl"])
-  cases["bad_convert"] = Case(["vidtok-convert", "to-torch", str(t / "w_fsq"),
+  cases["bad_convert"] = Case(["vidtok-convert", "to-torch", str(t / "w_kl"),
                                *convert_flags(MAIN["fsq"]), "--out", str(t / "bad.safetensors")],
-                              after=["train_fsq"])
+                              after=["train_kl"])
   cases["bad_check_data"] = Case(["vidtok-check-data", "--dir", str(t / "nope")])
   return cases
 
@@ -282,7 +286,7 @@ def test_reconstruct_video_then_its_tokens(runs, fam):
 def test_convert_to_torch_and_back_is_bitwise(runs, fam):
   from safetensors.numpy import load_file
 
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params as load_init_params
 
   t, m = runs
   p = m.ok(f"to_torch_{fam}")
@@ -353,7 +357,7 @@ BAD = {  # case -> (what the error line names, exit status)
     "bad_eval": (("w_kl", "do not match"), 1),  # a KL workdir for an FSQ config
     "bad_recon": (("zz_broken.mp4", "cannot be opened"), 1),
     "bad_tokenize": (("not a finished tokenization folder",), 1),
-    "bad_convert": (("w_fsq",), 1),  # a train workdir, not a to-flax folder
+    "bad_convert": (("w_kl", "do not match"), 1),  # a KL workdir for an FSQ config
     "bad_check_data": (("nope", "is not a directory"), 1),
 }
 

@@ -178,7 +178,7 @@ def test_init_from_hf(hub, monkeypatch):
   from huggingface_hub import constants
   from ml_collections import ConfigDict
 
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params as load_init_params
 
   hf_home, cfg, state_dict = hub
   monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))

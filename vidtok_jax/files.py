@@ -15,6 +15,8 @@ job) leaves the final name untouched or absent, never truncated.
 
 import contextlib
 import os
+import re
+import socket
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -36,11 +38,14 @@ def refuse_existing(paths, force: bool = False, flag: str = "--force"):
 
 def temporary_name(path) -> str:
   """A hidden name beside `path` with the same extension (writers such as PyAV, numpy and
-  matplotlib choose the format from it), unique to this process."""
+  matplotlib choose the format from it), unique to this process: the host's name and the process
+  id, since hosts sharing a folder (NFS, a pod's shared disk) often run the same pid in their
+  containers."""
   path = os.fspath(path)
   folder, base = os.path.split(path)
   stem, ext = os.path.splitext(base)
-  return os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext}")
+  host = re.sub(r"[^\w.-]", "_", socket.gethostname())[:64]
+  return os.path.join(folder, f".{stem}.partial-{host}-{os.getpid()}{ext}")
 
 
 @contextlib.contextmanager

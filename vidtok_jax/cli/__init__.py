@@ -50,7 +50,7 @@ def resolve_config_arg(argv):
 
 def model_overrides_as_set(argv):
   """`--config.model.FIELD=VALUE` (the scripts' spelling) -> `--set FIELD=VALUE`, for the
-  argparse commands (`vidtok-convert`, `python -m vidtok_jax.bench`) whose `--config` is a
+  argparse commands (`vidtok-convert`, `python -m vidtok_jax.planning`) whose `--config` is a
   variant name: one override spelling everywhere, the older `--set` kept."""
   out = []
   for a in argv:

@@ -2,16 +2,17 @@
 
   python -m vidtok_jax.cli.convert to-flax vidtok_kl_causal_488_4chn.ckpt \
       --config vidtok_kl_causal_488_4chn [--config.model.ch=8 ...] [--out DIR] [--force]
-  python -m vidtok_jax.cli.convert to-torch DIR --config vidtok_kl_causal_488_4chn --out x.safetensors \
-      [--config.model.ch=8 ...] [--force]
+  python -m vidtok_jax.cli.convert to-torch SOURCE --config vidtok_kl_causal_488_4chn \
+      --out x.safetensors [--use_ema] [--config.model.ch=8 ...] [--force]
 
 `--config` is an official variant name for `vidtok_jax.load_config`; each model field override,
 `--config.model.FIELD=VALUE` (as in train.py / eval.py / reconstruct.py) or `--set FIELD=VALUE`,
 becomes a keyword override (values parsed as Python literals, else kept as strings).
 Neither command replaces an existing output unless `--force` is given; `to-torch` writes under a
 temporary name and renames it when complete.
-`to-torch` reads a params tree saved by `to-flax` (or any orbax StandardCheckpointer save of a
-bare params tree).
+`to-torch` reads any weights source `vidtok_jax.weights.load.load_params` reads: a `vidtok-train`
+workdir (its latest good checkpoint; `--use_ema` for the EMA weights), a checkpoints or step
+folder, a params tree saved by `to-flax`, an official `.ckpt` / `.safetensors`, or `hf:NAME`.
 """
 
 import argparse
@@ -21,10 +22,10 @@ import sys
 
 import numpy as np
 
-from vidtok_jax.weights.io import load_state_dict, save_safetensors
 from vidtok_jax.cli import model_overrides_as_set
-from vidtok_jax.weights.keys import params_from_state_dict, state_dict_from_params
 from vidtok_jax.files import OutputExistsError, atomic_path, refuse_existing
+from vidtok_jax.weights.io import load_state_dict, save_safetensors
+from vidtok_jax.weights.keys import params_from_state_dict, state_dict_from_params
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 
@@ -91,16 +92,18 @@ def to_flax(args):
 
 
 def to_torch(args):
-  import orbax.checkpoint as ocp
+  from vidtok_jax import load_config
+  from vidtok_jax.weights.load import load_params
 
-  # Before the (slow) restore: never replace a file (e.g. a downloaded official checkpoint).
+  # Before the (slow) load: never replace a file (e.g. a downloaded official checkpoint).
   refuse_existing([args.out], args.force)
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(args.dir))
-  state_dict = state_dict_from_params(restored)
-  params_from_state_dict(state_dict, _template(args), ignore_prefixes=())  # validates vs config
+  # Any weights source (a train workdir too), shape-checked against the config.
+  params = load_params(args.source, load_config(args.config, **_overrides(args.set)),
+                       use_ema=args.use_ema)
+  state_dict = state_dict_from_params(params)
   with atomic_path(args.out, args.force) as tmp:  # an interrupted write leaves no half file
     save_safetensors(state_dict, tmp)
-  print(f"wrote {len(state_dict)} keys ({_count(state_dict):,} parameters) from {args.dir} "
+  print(f"wrote {len(state_dict)} keys ({_count(state_dict):,} parameters) from {args.source} "
         f"-> {args.out}")
 
 
@@ -113,8 +116,13 @@ def main(argv=None):
   a.add_argument("--out", help="output folder (default: <ckpt without suffix>_flax)")
   a.add_argument("--force", action="store_true", help="overwrite an existing output folder")
   a.set_defaults(func=to_flax)
-  b = sub.add_parser("to-torch", help="orbax Flax params -> PyTorch-layout .safetensors")
-  b.add_argument("dir", help="folder written by to-flax")
+  b = sub.add_parser("to-torch", help="Flax params (any weights source) -> PyTorch-layout "
+                     ".safetensors")
+  b.add_argument("source", help="a vidtok-train workdir (its latest good checkpoint), a "
+                 "checkpoints or step folder, a folder written by to-flax, an official "
+                 ".ckpt/.safetensors, or hf:NAME")
+  b.add_argument("--use_ema", action="store_true", help="export the EMA weights of a train "
+                 "checkpoint")
   b.add_argument("--out", required=True, help="output .safetensors file")
   b.add_argument("--force", action="store_true", help="overwrite an existing output file")
   b.set_defaults(func=to_torch)

@@ -143,8 +143,8 @@ def main(argv=None):
   tf.config.set_visible_devices([], "GPU")
   import vidtok_jax
   from vidtok_jax.inference import reconstruct
-  from vidtok_jax.train.checkpoint import load_init_params
   from vidtok_jax.train.loop import train_and_evaluate
+  from vidtok_jax.weights.load import load_params
 
   config = demo_config(out, a.steps, a.size, a.batch)
   eval_config = config.copy_and_resolve_references()
@@ -161,7 +161,7 @@ def main(argv=None):
   train_s = time.monotonic() - t0
 
   stage(4, "evaluating the trained model on the held-apart clip")
-  params = load_init_params(os.path.join(out, "run"), config)
+  params = load_params(os.path.join(out, "run"), config)
   after = evaluate(eval_config, params, val_videos, i3d, "trained")
 
   stage(5, "reconstruction, side-by-side video and training curves")

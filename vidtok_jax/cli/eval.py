@@ -109,7 +109,7 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from vidtok_jax.evaluation import evaluator as evaluation
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params
 
   logging.getLogger("vidtok_jax").setLevel(logging.INFO)
   config = FLAGS.config
@@ -133,8 +133,8 @@ def main(argv):
                                     config.data.eval_sample_fps)
     data = {"tfds_name": FLAGS.tfds_name, "split": FLAGS.split}
   loaded = {}
-  params = load_init_params(cli_flags.weights_source(kind, source), config,
-                            use_ema=FLAGS.use_ema, details=loaded)
+  params = load_params(cli_flags.weights_source(kind, source), config,
+                       use_ema=FLAGS.use_ema, details=loaded)
   i3d, fvd_skipped = _i3d_or_none() if FLAGS.fvd else (None, None)
   # Resolved once, for the evaluation and the FSQ rate pass alike.
   batch_size = (evaluation.default_batch_size() if FLAGS.batch_size is None

@@ -1,5 +1,5 @@
 """Command-line flags shared by `eval.py`, `reconstruct.py` and the tokenizer command: the model
-config and where its weights come from (loaded by `vidtok_jax.train.checkpoint.load_init_params`;
+config and where its weights come from (loaded by `vidtok_jax.weights.load.load_params`;
 `weights_source` turns the chosen flag into its argument)."""
 
 import os
@@ -68,5 +68,5 @@ def one_of(names) -> tuple:
 
 
 def weights_source(kind, value) -> str:
-  """The `load_init_params` argument for the weight flag `kind` (`--pretrained=N` -> `hf:N`)."""
+  """The `load_params` source for the weight flag `kind` (`--pretrained=N` -> `hf:N`)."""
   return f"hf:{value}" if kind == "pretrained" else value

@@ -83,7 +83,7 @@ def main(argv):
   import vidtok_jax
   from vidtok_jax.inference import reconstruct
   from vidtok_jax.files import refuse_existing
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params
 
   logging.getLogger("vidtok_jax").setLevel(logging.INFO)
   config = FLAGS.config
@@ -100,7 +100,7 @@ def main(argv):
     reconstruct.load_tokens(FLAGS.tokens, variant=variant, model_config=model.config)
     outputs = reconstruct.output_paths(source, FLAGS.output_dir, tokens=True)
   refuse_existing(outputs, FLAGS.force)
-  params = load_init_params(weights, config, use_ema=FLAGS.use_ema)
+  params = load_params(weights, config, use_ema=FLAGS.use_ema)
   if FLAGS.input:
     result = reconstruct.run_video(
         model, params, source, FLAGS.output_dir, variant=variant,

@@ -85,13 +85,13 @@ def main(argv):
     raise app.UsageError(f"--max_videos must be >= 0, got {FLAGS.max_videos}")
   if FLAGS.decode:
     from vidtok_jax.files import refuse_existing
-    from vidtok_jax.train.checkpoint import load_init_params
+    from vidtok_jax.weights.load import load_params
 
     if "://" not in FLAGS.decode and not os.path.isdir(FLAGS.decode):
       raise app.UsageError(f"--decode {FLAGS.decode} is not a tokenized folder")
     refuse_existing([FLAGS.output], FLAGS.force)  # before the weights load
     config = _config()
-    _decode(config, load_init_params(source, config, use_ema=FLAGS.use_ema))
+    _decode(config, load_params(source, config, use_ema=FLAGS.use_ema))
     return
   if bool(FLAGS.data_dir) == bool(FLAGS.tfds_name):
     raise app.UsageError("give exactly one of --data_dir, --tfds_name")
@@ -106,10 +106,10 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from vidtok_jax.tokenize import TokenizeJob, finalize_dir, folder_items
-  from vidtok_jax.train.checkpoint import load_init_params
+  from vidtok_jax.weights.load import load_params
 
   config = _config()
-  params = load_init_params(source, config, use_ema=FLAGS.use_ema)
+  params = load_params(source, config, use_ema=FLAGS.use_ema)
   sample_fps = config.data.eval_sample_fps
   if FLAGS.data_dir:
     from vidtok_jax.data import read_video_list

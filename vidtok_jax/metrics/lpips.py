@@ -1,4 +1,4 @@
-"""LPIPS perceptual distance (SPEC §7.3 training loss, §9.1 evaluation metric), VGG16 or AlexNet.
+"""LPIPS perceptual distance (a training loss and an evaluation metric), VGG16 or AlexNet.
 
 Per image: inputs in [-1, 1] -> `(x - SHIFT) / SCALE` -> backbone features at five ReLU taps
 (VGG16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; AlexNet: relu1..relu5) -> each tap
@@ -16,14 +16,11 @@ Parameter tree of `LPIPS` (the names are the contract with `load_lpips_params`):
   `{"vgg16" | "alexnet": {"conv1_1": {"kernel", "bias"}, ...}, "lin0".."lin4": {"kernel"}}`.
 """
 
-import builtins
-import collections
 import functools
 import importlib.util
 import io
 import os
 import pathlib
-import pickle
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidtok_jax.metrics.psnr import as_float_images
+from vidtok_jax.weights.unpickle import RestrictedUnpickler, numpy_arrays_table
 
 # The LPIPS ScalingLayer: maps [-1, 1] images to ImageNet-normalised inputs.
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
@@ -164,44 +162,13 @@ class LPIPS(nn.Module):
 # ------------------------------------------------------------------ pretrained weights
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-  """Unpickles numpy arrays inside dicts/lists/tuples; any other global is refused."""
-
-  @staticmethod
-  @functools.cache
-  def allowed():
-    # Take numpy's reconstruction helpers from numpy itself: their module moved from
-    # `numpy.core` to `numpy._core` in numpy 2, and pickles name either.
-    reconstruct = np.zeros(1).__reduce_ex__(2)[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    scalar = np.float32(0).__reduce__()[0]
-    table = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-    }
-    for core in ("numpy.core", "numpy._core"):
-      table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-      table[(f"{core}.multiarray", "scalar")] = scalar
-      table[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    for name in ("dict", "list", "tuple"):
-      table[("builtins", name)] = getattr(builtins, name)
-    return table
-
-  def find_class(self, module, name):
-    obj = self.allowed().get((module, name))
-    if obj is None:
-      raise ValueError(
-          f"refusing to unpickle global {module}.{name}: LPIPS weight files may only "
-          f"contain numpy arrays in dicts/lists/tuples"
-      )
-    return obj
-
-
 def load_arrays_pickle(path):
   """Read a pickle of nested dicts/lists/tuples of numpy arrays; ValueError on anything else."""
   data = pathlib.Path(path).read_bytes()
-  return _ArraysOnlyUnpickler(io.BytesIO(data)).load()
+  # The one restricted unpickler of the package: numpy arrays in plain containers, nothing else.
+  return RestrictedUnpickler(io.BytesIO(data), numpy_arrays_table(),
+                             what="LPIPS weight files may only contain numpy arrays in "
+                                  "dicts/lists/tuples").load()
 
 
 def package_weights_path(net="vgg"):
@@ -284,7 +251,7 @@ def _lpips_01(params, a, b, net):
 
 
 def lpips(a, b, net="vgg", params=None):
-  """Evaluation LPIPS (SPEC §9.1): eval mode, frames in [0, 1] mapped to [-1, 1].
+  """Evaluation LPIPS (the official evaluation's): eval mode, frames in [0, 1] mapped to [-1, 1].
 
   a, b: `(N, H, W, 3)` -> `(N,)`, or `(B, T, H, W, 3)` -> `(B, T)`; float32 values >= 0.
   `params` defaults to the pretrained weights of `net`, loaded once and cached.

@@ -5,7 +5,7 @@
 
 A variant name (with or without the `vidtok_` prefix) is fetched from the Hugging Face hub repo
 `microsoft/VidTok` with `huggingface_hub.hf_hub_download` (its cache, `HF_HOME` / `HF_HUB_CACHE`,
-`HF_HUB_OFFLINE`, `revision`, its progress bar), read without PyTorch (convert/torch_zip.py) and
+`HF_HUB_OFFLINE`, `revision`, its progress bar), read without PyTorch (weights/torch_zip.py) and
 converted to Flax params. The converted params are cached beside the download
 (`<hub cache>/models--microsoft--VidTok/vidtok_jax/<file hash>-<config hash>.safetensors`), so a
 second call loads them without reading the `.ckpt` again. A local `.ckpt` / `.safetensors` file
@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from vidtok_jax.config import VARIANTS, load_config
+from vidtok_jax.files import atomic_path
 
 HUB_REPO = "microsoft/VidTok"
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-only keys of official checkpoints
@@ -146,25 +147,25 @@ def _flatten_abstract(tree, prefix=""):
 
 
 def _convert(path, cfg):
+  from vidtok_jax.models.autoencoder import abstract_params
   from vidtok_jax.weights.io import load_state_dict
   from vidtok_jax.weights.keys import params_from_state_dict
-  from vidtok_jax.models.autoencoder import abstract_params
+  from vidtok_jax.weights.load import read_params_tree
 
   template = abstract_params(cfg)
   if os.path.isdir(path):
-    import orbax.checkpoint as ocp
-
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    params = read_params_tree(path)
     _check_shapes(params, template, path)
     return _unflatten(_flatten(params))
   # Checks every key and shape (the error names the key, the file's and the config's shape).
   return params_from_state_dict(load_state_dict(path), template, ignore_prefixes=IGNORED_PREFIXES)
 
 
-def load_params(path, cfg, *, cache=True):
+def official_params(path, cfg, *, cache=True):
   """Flax params (numpy float32) of `VidTok(cfg)` from an official `.ckpt` / `.safetensors` file
   or a `convert to-flax` folder. With `cache`, a file's converted params are stored beside it
-  (keyed by the file's hash and the config) and reused on the next call."""
+  (keyed by the file's hash and the config) and reused on the next call. Commands load weights
+  with `vidtok_jax.weights.load.load_params` (which calls this for `hf:NAME`)."""
   if os.path.isdir(path) or not cache:
     return _convert(path, cfg)
   key, folder = _file_key(path)
@@ -181,15 +182,16 @@ def load_params(path, cfg, *, cache=True):
   try:
     from safetensors.numpy import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{cached}.tmp{os.getpid()}"
-    save_file(_flatten(params), tmp, metadata={"format": _CACHE_FORMAT, "source": key,
-                                               "variant": str(cfg.name)})
-    os.replace(tmp, cached)  # atomic: a reader never sees half a file
+    with atomic_path(cached) as tmp:  # a reader never sees half a file
+      save_file(_flatten(params), tmp, metadata={"format": _CACHE_FORMAT, "source": key,
+                                                 "variant": str(cfg.name)})
     _say(f"cached the converted params in {cached}")
   except OSError as e:  # read-only cache: still usable, just converts every time
     _say(f"could not cache the converted params in {folder} ({e})")
   return params
+
+
+load_params = official_params  # its name before `weights.load.load_params` (one release)
 
 
 def _local_variant(path, variant):
@@ -236,9 +238,9 @@ def from_pretrained(name_or_path, *, revision=None, cache_dir=None, local_files_
     path = download(full, revision=revision, cache_dir=cache_dir,
                     local_files_only=local_files_only)
   cfg = load_config(full, **config_overrides)
-  params = load_params(path, cfg, cache=not local)
+  params = official_params(path, cfg, cache=not local)
   return VidTok(cfg), jax.device_put(params)
 
 
-__all__ = ["HUB_REPO", "download", "from_pretrained", "hub_filename", "load_params",
+__all__ = ["HUB_REPO", "download", "from_pretrained", "hub_filename", "official_params",
            "variant_name"]

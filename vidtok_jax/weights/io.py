@@ -1,9 +1,10 @@
 """Reading and writing PyTorch state_dicts as {key: np.ndarray}, without PyTorch.
 
 `.safetensors` is read with numpy alone; `.ckpt`/`.pt`/`.pth`/`.bin` files in `torch.save`'s zip
-format (every PyTorch >= 1.6, so every official VidTok checkpoint) by `torch_zip`'s restricted
-unpickler, which never runs code stored in the file. Only the legacy pre-1.6 pickle format needs
-PyTorch (its weights-only unpickler).
+format (every PyTorch >= 1.6, so every official VidTok checkpoint) by `torch_zip` through the
+package's one restricted unpickler (`unpickle.py`), which never runs code stored in the file.
+Only the legacy pre-1.6 pickle format needs PyTorch (its weights-only unpickler, with
+`unpickle.Inert` standing in for the non-tensor globals).
 """
 
 import json
@@ -14,6 +15,7 @@ import numpy as np
 
 from vidtok_jax.weights import torch_zip
 from vidtok_jax.weights.keys import _to_numpy
+from vidtok_jax.weights.unpickle import Inert
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -89,18 +91,9 @@ def _read_safetensors_raw(path):
   return out
 
 
-class _Opaque:
-  """Inert stand-in for a pickled non-tensor object (hyper-parameters, callback state); it
-  accepts any constructor arguments or state and keeps nothing, so no stored code runs."""
-
-  def __new__(cls, *args, **kwargs):
-    return object.__new__(cls)
-
-  def __init__(self, *args, **kwargs):
-    pass
-
-  def __setstate__(self, state):
-    pass
+# Inert stand-in for a pickled non-tensor object (hyper-parameters, callback state): the one
+# restricted unpickler's, lent to torch's weights-only unpickler below.
+_Opaque = Inert
 
 
 def _torch_load(torch, path):

@@ -1,6 +1,6 @@
 """Official PyTorch state_dict keys <-> Flax params (pure numpy; no torch, no model import).
 
-The Flax params tree mirrors the PyTorch module tree (SPEC §4):
+The Flax params tree mirrors the PyTorch module tree:
   * list items `down.<i>`, `up.<i>`, `down_temporal.<i>`, `up_temporal.<i>`, `block.<j>` are the
     Flax modules `down_<i>`, …, `block_<j>`; under `mid`, `block_1`/`block_2`/`attn_1` are plain
     attribute names (torch `mid.block_1`);

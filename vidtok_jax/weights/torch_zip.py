@@ -10,6 +10,7 @@ each storage). The pickle is read by a restricted unpickler:
   * `collections.OrderedDict` and the storage / dtype markers are the only other globals it knows;
   * every other global (optimizer classes, Lightning callbacks, `os.system`, ...) becomes an
     inert `Placeholder`: it is never imported and never called, it keeps nothing it is given.
+The unpickler is the package's one restricted unpickler (`weights/unpickle.py`) with this table.
 
 `read_state_dict` returns only the `state_dict` (the saved object itself when that is a bare
 state dict). A placeholder inside it is a ValueError naming the key; placeholders elsewhere
@@ -17,11 +18,14 @@ state dict). A placeholder inside it is a ValueError naming the key; placeholder
 """
 
 import collections
+import functools
 import logging
 import pickle
 import zipfile
 
 import numpy as np
+
+from vidtok_jax.weights.unpickle import Inert, RestrictedUnpickler, inert
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +44,12 @@ _DTYPES = {
 }
 
 
-class Placeholder:
-  """Inert stand-in for a pickled global this reader does not know. Calling it, building it or
-  filling it does nothing: the real object is never imported, its code never runs."""
-
-  global_name = "?"
-
-  def __new__(cls, *args, **kwargs):
-    return object.__new__(cls)
-
-  def __init__(self, *args, **kwargs):
-    pass
-
-  def __setstate__(self, state):
-    pass
-
-  def __setitem__(self, key, value):
-    pass
-
-  def append(self, value):
-    pass
-
-  def extend(self, values):
-    pass
-
-  def __repr__(self):
-    return f"<unreadable {self.global_name}>"
+# Inert stand-in for a pickled global this reader does not know (the shared `unpickle.Inert`).
+Placeholder = Inert
 
 
 def _placeholder(module, name):
-  return type("Placeholder", (Placeholder,), {"global_name": f"{module}.{name}"})
+  return inert(module, name)
 
 
 class _Dtype:
@@ -153,26 +133,29 @@ _REBUILDERS = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+@functools.cache
+def _allowed() -> dict:
+  """The globals this reader knows: tensor rebuilders, OrderedDict, storage and dtype markers."""
+  table = dict(_REBUILDERS)
+  table[("torch._tensor", "_rebuild_from_type_v2")] = _rebuild_from_type_v2
+  table[("collections", "OrderedDict")] = collections.OrderedDict
+  for module in ("torch", "torch.storage"):
+    table.update({(module, name): _StorageType(name) for name in _STORAGES})
+  table.update({("torch", name): _Dtype(name) for name in _DTYPES})
+  return table
+
+
+class _Unpickler(RestrictedUnpickler):
+  """The shared restricted unpickler with torch's storage records; every unknown global becomes
+  a `Placeholder` (recorded in `placeholders`), never imported."""
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, big_endian: bool):
-    super().__init__(file)
+    super().__init__(file, _allowed(), unknown=self._stand_in)
     self._archive, self._prefix, self._big_endian = archive, prefix, big_endian
     self._storages = {}
     self.placeholders = []
 
-  def find_class(self, module, name):
-    # Never `super().find_class`: that imports `module`.
-    if (module, name) in _REBUILDERS:
-      return _REBUILDERS[module, name]
-    if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
-      return _rebuild_from_type_v2
-    if (module, name) == ("collections", "OrderedDict"):
-      return collections.OrderedDict
-    if module in ("torch", "torch.storage") and name in _STORAGES:
-      return _StorageType(name)
-    if module == "torch" and name in _DTYPES:
-      return _Dtype(name)
+  def _stand_in(self, module, name):
     cls = _placeholder(module, name)
     self.placeholders.append(cls.global_name)
     return cls
