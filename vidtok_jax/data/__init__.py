@@ -1,4 +1,4 @@
-"""Video data: PyAV decoding, SPEC 8 clip sampling, a TFDS builder and the tf.data pipeline.
+"""Video data: PyAV decoding, the official clip sampling, a TFDS builder and the tf.data pipeline.
 
     from vidtok_jax.data import data_config, make_train_iterator
     config.data = data_config(dir="videos/", size=128, global_batch_size=16)

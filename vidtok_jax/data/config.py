@@ -22,10 +22,10 @@ FIELDS = dict(
     tfds_data_dir=(None, "TFDS data dir; None: $VIDTOK_TFDS_DIR, else ~/tensorflow_datasets"),
     train_split="train",
     eval_split="validation",
-    num_frames=(17, "frames per clip: 17 causal (1 + 4k), 16 non-causal (SPEC 8)"),
-    causal=(None, "None: odd num_frames means causal; picks the long-video frame rule (SPEC 9.1)"),
+    num_frames=(17, "frames per clip: 17 causal (1 + 4k), 16 non-causal"),
+    causal=(None, "None: odd num_frames means causal; picks the long-video frame rule"),
     sample_fps=(3.0, "training frame rate: frame interval = round(fps / sample_fps), >= 1"),
-    eval_sample_fps=(8.0, "evaluation frame rate (SPEC 7.7: validation sample_fps 8, start 0)"),
+    eval_sample_fps=(8.0, "evaluation frame rate (officially 8, from frame 0)"),
     size=(128, "output size: int (square) or (height, width); the short side is resized to height"),
     store_short_side=(256, "folder builds store frames with short side <= this (None: native); "
                            "must be >= the training size or frames get upsampled"),

@@ -1,7 +1,7 @@
 """Video decoding with PyAV: frames streamed (or whole clips) as uint8 RGB, or cheap metadata;
 clear errors otherwise.
 
-The training loader of the original (SPEC §8) trains silently on a black frame when a file fails
+The training loader of the original trains silently on a black frame when a file fails
 to decode. Here every unusable file raises `VideoDecodeError` with a short `reason` code and a
 message naming the path, and the caller decides whether to skip or stop.
 

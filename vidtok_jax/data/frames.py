@@ -163,7 +163,7 @@ class Windows:
   """Consecutive, non-overlapping windows of `num_frames` frames from a stream of frame chunks:
   yields `(window (num_frames, ...), valid)`, valid = its real frames (a new array each time).
 
-  `pad_last`: the last partial window is padded by repeating its last frame (SPEC 9.1, the
+  `pad_last`: the last partial window is padded by repeating its last frame (the
   evaluation's and tokenizer's windows: `sampling.eval_windows`); otherwise it is dropped (the
   official reconstruction). `frames` counts the frames read so far (all of them once the
   iteration ends).
@@ -193,7 +193,7 @@ class Windows:
 
 
 def long_clip(chunks, causal: bool):
-  """Long mode (SPEC 9.1): `(clip (1, T', h, w, 3), n)` of the first 16k(+1) of the `n` frames
+  """Long mode (official): `(clip (1, T', h, w, 3), n)` of the first 16k(+1) of the `n` frames
   of a chunk stream, the clip None when the video is too short. The streamer takes the clip
   whole, so it is held at the model's resolution (frames beyond T' are read and dropped)."""
   kept, n = [], 0

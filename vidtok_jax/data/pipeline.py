@@ -5,7 +5,8 @@ function of (seed, s, p, process_count, dataset), so a run restarted at step s c
 bitwise identically — no iterator state to checkpoint. Global sample k = s * global_batch +
 p * per_host_batch + i (i < per_host_batch); epoch, position = divmod(k, N); the example is
 `permutation(seed, epoch)[position]`, and the clip start is floor(u * start_range) with u a
-stateless hash uniform of (seed, k). Hosts therefore never share an example within a step.
+stateless hash uniform of (seed, k) (`vidtok_jax.data.randomness`). Hosts therefore never
+share an example within a step.
 
 Two storage paths (chosen from the prepared dataset's file format):
 * ArrayRecord (`video_folder` builds, or a named dataset prepared with
@@ -16,7 +17,7 @@ Two storage paths (chosen from the prepared dataset's file format):
   the s * per_host_batch records already consumed (parsed, not decoded). Deterministic too,
   but not a pure function of k: examples may repeat across hosts within a step after epoch 1.
 
-Clip (SPEC 8): indices = `sampling.sample_frame_indices(total, fps, T, sample_fps, start)`,
+Clip (official): indices = `sampling.sample_frame_indices(total, fps, T, sample_fps, start)`,
 the last index repeated to T frames when the video is short; only those frames' JPEG/PNG are
 decoded; shorter side resized to `size[0]` (bilinear, antialias), centre crop, x * 2 - 1.
 A record found unusable before decoding (no frames, bytes that are not an image, a truncated
@@ -39,56 +40,15 @@ import tensorflow_datasets as tfds
 
 from vidtok_jax.data import config as config_lib
 from vidtok_jax.data import sampling, tfds_builder
+from vidtok_jax.data.randomness import _STREAM_START, clip_indices, epoch_permutation, hash_uniform
 
 log = logging.getLogger("vidtok_jax.data")
 
 _FRAME_KEYS = ("frames", "video", "image", "images", "image_sequence")
 _MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM")
-_STREAM_PERM, _STREAM_START = 1, 2  # hash streams: epoch permutations, clip starts
 _LIVE = weakref.WeakSet()  # open iterators, closed at exit: tf.data threads that outlive the
 # interpreter abort the process ("terminate called without an active exception")
 atexit.register(lambda: [it.close() for it in list(_LIVE)])
-
-
-# ------------------------------------------------------------------ stateless randomness
-
-
-def _u64(x):
-  """int(s) -> uint64 array, negatives wrapped (two's complement)."""
-  return np.asarray(x, np.int64).astype(np.uint64)
-
-
-def _mix64(x):
-  """splitmix64 finaliser of uint64 arrays (wrapping arithmetic): a bijective, well-mixed,
-  platform-independent hash, so the data order never depends on numpy's RNG versions."""
-  with np.errstate(over="ignore"):
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _hash(seed: int, stream: int, sub: int, index) -> np.ndarray:
-  """uint64 hash of `index` (array) keyed by (seed, stream, sub)."""
-  key = _mix64(_mix64(_mix64(_u64([seed])) ^ _u64([stream])) ^ _u64([sub]))
-  return _mix64(key ^ _u64(index))
-
-
-def hash_uniform(seed: int, stream: int, index) -> np.ndarray:
-  """float64 in [0, 1) per `index` (int array), a pure function of (seed, stream, index)."""
-  return (_hash(seed, stream, 0, index) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """int64 `(n,)`: the example order of `epoch` (argsort of distinct hash keys)."""
-  return np.argsort(_hash(seed, _STREAM_PERM, epoch, np.arange(n)), kind="stable").astype(np.int64)
-
-
-def clip_indices(total: int, fps: float, num_frames: int, sample_fps: float, u: float):
-  """(start, int64 `(num_frames,)` indices): SPEC 8 clip, last index repeated when short."""
-  start = int(np.floor(u * sampling.start_range(total, fps, num_frames, sample_fps)))
-  idx = sampling.sample_frame_indices(total, fps, num_frames, sample_fps, start=start)
-  return start, sampling.pad_to_length(idx, num_frames)
 
 
 # ------------------------------------------------------------------ sources
@@ -472,7 +432,7 @@ def _select(frames, idx):  # raw uint8 array, or encoded frames (numpy / lazy pr
 
 
 def iterate_eval_clips(config, process_index: int = 0, process_count: int = 1):
-  """SPEC 9.1 windows: per eval video, frames 0, d, 2d, ... (d = round(fps / eval_sample_fps))
+  """Evaluation windows: per eval video, frames 0, d, 2d, ... (d = round(fps / eval_sample_fps))
   cut into consecutive non-overlapping windows of `num_frames`; the last partial window is padded
   by repeating its last frame. Yields dicts: "video" float32 `(T, h, w, 3)` in [-1, 1], "path",
   "video_index", "window", "num_valid" (real frames in the window), "frame_indices" `(T,)`."""
@@ -486,7 +446,7 @@ def iterate_eval_clips(config, process_index: int = 0, process_count: int = 1):
 
 
 def iterate_long_videos(config, process_index: int = 0, process_count: int = 1):
-  """SPEC 9.1 long mode: per eval video, the first 16 * floor((L - 1) / 16) + 1 (causal) or
+  """Long mode: per eval video, the first 16 * floor((L - 1) / 16) + 1 (causal) or
   16 * floor(L / 16) (non-causal) of its L frames at eval_sample_fps; shorter videos are skipped
   (logged). Yields "video" float32 `(T, h, w, 3)` in [-1, 1], "path", "video_index",
   "frame_indices"."""

@@ -1,4 +1,4 @@
-"""Clip sampling and frame preprocessing of VidTok's training loader (SPEC §8), in numpy.
+"""Clip sampling and frame preprocessing of VidTok's training loader, in numpy.
 
 `sample_frame_indices` is the official `sample_frames_with_fps`; `resize_short_side_and_center_crop`
 reproduces torchvision's `Resize(size, antialias=True)` (bilinear, PIL-style antialiasing) then
@@ -138,18 +138,18 @@ def pad_to_length(frames, n: int) -> np.ndarray:
   return np.concatenate([frames, np.repeat(frames[-1:], n - len(frames), axis=0)])
 
 
-LONG_CHUNK = 16  # SPEC 9.1 long mode: clips of 16k (+ 1 causal) frames
+LONG_CHUNK = 16  # The official evaluation's long mode: clips of 16k (+ 1 causal) frames
 
 
 def eval_windows(n: int, num_frames: int) -> list:
-  """SPEC 9.1 windows of `n` sampled frames: index arrays of consecutive, non-overlapping
+  """Evaluation windows of `n` sampled frames: index arrays of consecutive, non-overlapping
   `num_frames`-long windows, the last partial one padded by repeating its last index."""
   return [pad_to_length(np.arange(a, min(a + num_frames, n)), num_frames)
           for a in range(0, n, num_frames)]
 
 
 def long_clip_frames(n: int, causal: bool) -> int:
-  """SPEC 9.1 long mode: frames kept of `n` sampled ones, 16 * floor((n - 1) / 16) + 1 (causal,
+  """Long mode: frames kept of `n` sampled ones, 16 * floor((n - 1) / 16) + 1 (causal,
   needs n > 16) or 16 * floor(n / 16) (non-causal, needs n >= 16); 0 when too short."""
   if causal:
     return LONG_CHUNK * ((n - 1) // LONG_CHUNK) + 1 if n > LONG_CHUNK else 0

@@ -8,12 +8,12 @@
 Causal models stream: frame 0 alone, then chunks of `t_chunk_enc` frames through one jitted
 chunk step that carries the per-module caches (`VidTok.encode_chunk` / `decode_chunk`); the
 decoder runs latent 0 alone, then chunks of `t_chunk_enc // f` latents, each (with
-`use_overlap`) with one look-ahead latent. This is the official v1.1 tiled inference (SPEC 6.2),
+`use_overlap`) with one look-ahead latent. This is the official v1.1 tiled inference,
 so the results equal `model.apply(..., t_chunk_enc=...)`; only one chunk is on the device at a
 time, so device memory does not grow with the video's length, and a video of any length
 compiles at most three programs per direction (first, steady and last chunk).
 
-Exact or not (SPEC 6.3): v1.0 models stream exactly (equal to whole-clip processing); v1.1
+Exact or not: v1.0 models stream exactly (equal to whole-clip processing); v1.1
 encoding is exact for 1 + t_chunk_enc*k frames; v1.1 decoding is exact for nearest temporal
 upsampling and for 2x models with overlap, and differs slightly (~1e-3) for 4x/8x trilinear models
 with overlap, as the official tiling does. Non-causal models cannot stream: they run in
