@@ -8,10 +8,9 @@ import pytest
 
 from conftest import Ref, max_abs
 from vidtok_jax.models import discriminator as disc_lib
-from vidtok_jax.models.discriminator import (NLayerDiscriminator, NLayerDiscriminator3D,
-                                             disc_params_from_torch)
+from vidtok_jax.models.discriminator import PatchDiscriminator, disc_params_from_torch
 
-CASES = {"disc2d_ndf8": NLayerDiscriminator, "disc3d_ndf8": NLayerDiscriminator3D}
+CASES = {"disc2d_ndf8": 2, "disc3d_ndf8": 3}  # reference case -> dims
 ATOL = 1e-5  # reference README: modules atol 1e-5 (float32 vs float64 reference)
 
 
@@ -20,8 +19,8 @@ def _run(name, dtype):
   r = Ref(name)
   variables = disc_params_from_torch(r.params, prefix="")
   variables = jax.tree.map(lambda a: a.astype(dtype), variables)
-  model = NLayerDiscriminator if name == "disc2d_ndf8" else NLayerDiscriminator3D
-  model = model(ndf=8, n_layers=3, dtype=dtype, param_dtype=dtype)
+  model = PatchDiscriminator(dims=CASES[name], ndf=8, n_layers=3, dtype=dtype,
+                             param_dtype=dtype)
   x = jnp.asarray(np.moveaxis(r.inputs["x"], 1, -1), dtype)
   # One jitted program for both modes: far fewer compiles than op-by-op.
   y_eval, (y_train, upd) = jax.jit(lambda v, x: (
@@ -70,7 +69,7 @@ def test_param_tree_matches_init(name):
 
 
 def test_init_and_batch_stats_modes():
-  model = NLayerDiscriminator(ndf=16)  # enough weights for the init statistics
+  model = PatchDiscriminator(dims=2, ndf=16)  # enough weights for the init statistics
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   v = jax.jit(lambda k, x: model.init(k, x, train=True))(jax.random.key(0), x)
   p = v["params"]
@@ -122,15 +121,15 @@ def test_output_shapes_of_released_size():
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x).shape
 
-  assert shape(NLayerDiscriminator(), (2, 128, 128, 3)) == (2, 14, 14, 1)
-  assert shape(NLayerDiscriminator(), (1, 256, 256, 3)) == (1, 30, 30, 1)
-  assert shape(NLayerDiscriminator3D(), (1, 17, 128, 128, 3)) == (1, 5, 16, 16, 1)
+  assert shape(PatchDiscriminator(dims=2), (2, 128, 128, 3)) == (2, 14, 14, 1)
+  assert shape(PatchDiscriminator(dims=2), (1, 256, 256, 3)) == (1, 30, 30, 1)
+  assert shape(PatchDiscriminator(dims=3), (1, 17, 128, 128, 3)) == (1, 5, 16, 16, 1)
 
 
 def test_bfloat16_compute_close_to_float32():
   r, v32, _, x, got = _run("disc2d_ndf8", jnp.float32)
   y32 = got["y_train"]
-  model = NLayerDiscriminator(ndf=8, dtype=jnp.bfloat16)
+  model = PatchDiscriminator(dims=2, ndf=8, dtype=jnp.bfloat16)
   y16, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v32, x)
   y16 = np.moveaxis(np.asarray(y16), -1, 1)
   assert y16.dtype == jnp.float32
@@ -160,3 +159,28 @@ def test_converter_prefix_and_errors():
     disc_params_from_torch(sd)
   with pytest.raises(KeyError, match=r"main\.0\.weight"):
     disc_params_from_torch(r.params, prefix="discriminator.")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_old_class_names_warn_and_match(name):
+  # One release of the pre-`PatchDiscriminator` names: same arguments (positional too), same
+  # params tree and logits, so code and checkpoints written against them keep working.
+  r, variables, model, x, got = _run(name, jnp.float32)
+  old = {2: disc_lib.NLayerDiscriminator, 3: disc_lib.NLayerDiscriminator3D}[CASES[name]]
+  with pytest.warns(DeprecationWarning, match=f"dims={CASES[name]}"):
+    m = old(8, 3, jnp.float32, jnp.float32)
+  assert m == model
+  init = jax.eval_shape(lambda x: m.init(jax.random.key(0), x, train=False), x)
+  assert jax.tree.structure(init) == jax.tree.structure(variables)
+  y = jax.jit(lambda v, x: m.apply(v, x, train=False))(variables, x)
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(y), -1, 1), got["y_eval"])
+
+
+def test_dims_and_input_rank_errors():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match="dims must be 2 or 3, got 1"):
+    PatchDiscriminator(dims=1).init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"dims=3\) expects \(B, T, H, W, C\), got \(1, 32, 32, 3\)"):
+    PatchDiscriminator(dims=3).init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"dims=2\) expects \(N, H, W, C\)"):
+    PatchDiscriminator(dims=2).init(jax.random.key(0), x[None], train=False)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import Ref, max_abs
 from vidtok_jax.train import losses
-from vidtok_jax.models.discriminator import NLayerDiscriminator, disc_params_from_torch
+from vidtok_jax.models.discriminator import PatchDiscriminator, disc_params_from_torch
 
 
 def _check(r, got, rtol, atol, tag=""):
@@ -70,7 +70,8 @@ def _general_loss_harness(r, dtype):
   cfg = r.meta["config"]["loss_kwargs"]
   p = {k: jnp.asarray(v, dtype) for k, v in r.params.items() if v.dtype != np.int64}
   disc_vars = jax.tree.map(lambda a: a.astype(dtype), disc_params_from_torch(r.params))
-  disc = NLayerDiscriminator(n_layers=cfg["disc_num_layers"], dtype=dtype, param_dtype=dtype)
+  disc = PatchDiscriminator(dims=2, n_layers=cfg["disc_num_layers"], dtype=dtype,
+                            param_dtype=dtype)
   x = jnp.asarray(np.moveaxis(r.inputs["x"], 1, -1), dtype)
   h = jnp.asarray(np.moveaxis(r.inputs["h"], 1, -1), dtype)
   reg_log = {"kl_loss": jnp.asarray(r.inputs["kl_loss"], dtype)}

@@ -1,7 +1,7 @@
-"""PatchGAN discriminators (SPEC §7.6), channels-last, with PyTorch BatchNorm semantics.
+"""PatchGAN discriminators of the training, channels-last, with PyTorch BatchNorm semantics.
 
-`NLayerDiscriminator` (2-D, taming-transformers PatchGAN) on frames `(N, H, W, C)` and
-`NLayerDiscriminator3D` on clips `(B, T, H, W, C)`. Submodule names mirror the torch
+`PatchDiscriminator(dims=2)` (taming-transformers PatchGAN) on frames `(N, H, W, C)` and
+`PatchDiscriminator(dims=3)` on clips `(B, T, H, W, C)`. Submodule names mirror the torch
 `nn.Sequential` indices (`main.<i>.weight` -> `main_<i>/kernel`), so
 `disc_params_from_torch` is a pure re-layout.
 
@@ -16,6 +16,7 @@ Kernels 4 (2-D) / 3 (3-D), zero padding 1 on every spatial/temporal side.
 """
 
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -102,40 +103,17 @@ class TorchBatchNorm(nn.Module):
     return (y + bias.astype(xf.dtype)).astype(self.dtype)
 
 
-def _patchgan(x, train, *, ndf, n_layers, dims, dtype, param_dtype):
-  """Shared body; must be called from inside a compact `__call__` (creates the submodules)."""
-  kernel = (4, 4) if dims == 2 else (3, 3, 3)
-  plan = layer_plan(ndf, n_layers, dims)
-  h = x.astype(dtype)
-  for j, (idx, feats, strides, use_bias, has_bn) in enumerate(plan):
-    fan_in = h.shape[-1] * math.prod(kernel)
-    h = nn.Conv(
-        feats,
-        kernel,
-        strides=strides,
-        padding=((1, 1),) * dims,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        bias_init=_torch_bias_init(fan_in),
-        name=f"main_{idx}",
-    )(h)
-    if has_bn:
-      h = TorchBatchNorm(dtype=dtype, param_dtype=param_dtype, name=f"main_{idx + 1}")(h, train)
-    if j < len(plan) - 1:
-      h = nn.leaky_relu(h, LEAKY_SLOPE)
-  return h.astype(jnp.promote_types(param_dtype, jnp.float32))  # logits feed f32 loss reductions
+class PatchDiscriminator(nn.Module):
+  """PatchGAN of `dims` 2 (frames) or 3 (clips); logits float32 (float64 with float64 params).
 
-
-class NLayerDiscriminator(nn.Module):
-  """2-D PatchGAN on frames. `(N, H, W, C)` -> logits `(N, H', W', 1)` float32
-  (float64 with float64 params).
-
-  128x128 -> 14x14 and 256x256 -> 30x30 logits for n_layers=3. `train=True` uses batch
-  statistics and updates `batch_stats` (apply with `mutable=["batch_stats"]`).
+  dims=2: `(N, H, W, C)` -> `(N, H', W', 1)`; 128x128 -> 14x14 and 256x256 -> 30x30 for
+  n_layers=3. dims=3: `(B, T, H, W, C)` -> `(B, T', H', W', 1)`; 17x128x128 -> 5x16x16.
+  `train=True` uses batch statistics and updates `batch_stats` (apply with
+  `mutable=["batch_stats"]`). The params tree does not depend on the class name, only on the
+  layer plan: `main_<torch index>`.
   """
 
+  dims: int
   ndf: int = 64
   n_layers: int = 3
   dtype: Any = jnp.float32
@@ -143,29 +121,49 @@ class NLayerDiscriminator(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if x.ndim != 4:
-      raise ValueError(f"NLayerDiscriminator expects (N, H, W, C), got {x.shape}")
-    return _patchgan(x, train, ndf=self.ndf, n_layers=self.n_layers, dims=2, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+    plan = layer_plan(self.ndf, self.n_layers, self.dims)  # validates dims and n_layers
+    if x.ndim != self.dims + 2:
+      layout = "(N, H, W, C)" if self.dims == 2 else "(B, T, H, W, C)"
+      raise ValueError(f"PatchDiscriminator(dims={self.dims}) expects {layout}, got {x.shape}")
+    kernel = (4 if self.dims == 2 else 3,) * self.dims  # taming 2-D: 4; VidTok 3-D: 3
+    h = x.astype(self.dtype)
+    for j, (idx, feats, strides, use_bias, has_bn) in enumerate(plan):
+      fan_in = h.shape[-1] * math.prod(kernel)
+      h = nn.Conv(
+          feats,
+          kernel,
+          strides=strides,
+          padding=((1, 1),) * self.dims,
+          use_bias=use_bias,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.initializers.normal(0.02),
+          bias_init=_torch_bias_init(fan_in),
+          name=f"main_{idx}",
+      )(h)
+      if has_bn:
+        h = TorchBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                           name=f"main_{idx + 1}")(h, train)
+      if j < len(plan) - 1:
+        h = nn.leaky_relu(h, LEAKY_SLOPE)
+    # logits feed f32 loss reductions
+    return h.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
-class NLayerDiscriminator3D(nn.Module):
-  """3-D PatchGAN on clips. `(B, T, H, W, C)` -> logits `(B, T', H', W', 1)` float32.
+def _deprecated(old, dims):
+  def make(*args, **kwargs):
+    warnings.warn(f"{old}(...) is deprecated; use PatchDiscriminator(dims={dims}, ...) "
+                  "(same params tree)", DeprecationWarning, stacklevel=2)
+    return PatchDiscriminator(dims, *args, **kwargs)
 
-  17x128x128 -> 5x16x16 for n_layers=3. `train` as in `NLayerDiscriminator`.
-  """
+  make.__name__ = make.__qualname__ = old
+  make.__doc__ = f"Deprecated: `PatchDiscriminator(dims={dims}, ...)`; kept for one release."
+  return make
 
-  ndf: int = 64
-  n_layers: int = 3
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    if x.ndim != 5:
-      raise ValueError(f"NLayerDiscriminator3D expects (B, T, H, W, C), got {x.shape}")
-    return _patchgan(x, train, ndf=self.ndf, n_layers=self.n_layers, dims=3, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+# Old names (one release): same arguments as before, they return a `PatchDiscriminator`.
+NLayerDiscriminator = _deprecated("NLayerDiscriminator", 2)
+NLayerDiscriminator3D = _deprecated("NLayerDiscriminator3D", 3)
 
 
 def _to_numpy(v):

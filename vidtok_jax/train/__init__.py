@@ -1,4 +1,4 @@
-"""Training: state pytree, the pure GAN train step, mesh/shardings (SPEC 7, STYLE 4-5)."""
+"""Training: state pytree, the pure GAN train step, mesh/shardings."""
 
 from vidtok_jax.train.mesh import (
                                    batch_sharding,

@@ -9,7 +9,7 @@ the installed console scripts have them too).
 The argument after ':' is `VARIANT[,stage=1|2][,tiny]`; VARIANT is an official name with or
 without the `vidtok_` prefix (e.g. `fsq_causal_488_262144`, `kl_causal_488_4chn_v1_1`).
 Stage 1 trains the whole model at low resolution; stage 2 starts from a stage-1 checkpoint
-(`init_from`), freezes the encoder and trains the decoder at high resolution (SPEC 7.7).
+(`init_from`), freezes the encoder and trains the decoder at high resolution.
 """
 
 import ml_collections
@@ -56,7 +56,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                         num_res_blocks=1)
   config.model = model
 
-  # SPEC 7.7 / 8: 17-frame clips for causal models (33 for v1.1), 16 for non-causal; training
+  # The official recipe: 17-frame clips for causal models (33 for v1.1), 16 for non-causal; training
   # at sample_fps 3, validation at 8 from frame 0; stage 1 at 128^2 (batch 16), stage 2 at 256^2
   # (batch 8).
   num_frames = 33 if v11 else (17 if causal else 16)
@@ -98,7 +98,7 @@ def loop_config(config, stage: int, tiny: bool):
 
 
 def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
-  """`config.train`: optimisation, precision, EMA, stage-2 freezing, mesh (SPEC 7.5, 7.7)."""
+  """`config.train`: optimisation, precision, EMA, stage-2 freezing, mesh."""
   t = ml_collections.ConfigDict()
   # Official: Adam defaults, base_learning_rate 1e-5 for both optimizers, no scheduler, no
   # weight decay; `--scale_lr` is off by default, so the lr does not grow with the batch.
@@ -138,9 +138,9 @@ def train_config(stage: int, tiny: bool) -> ml_collections.ConfigDict:
 
 
 def loss_config(tiny: bool) -> ml_collections.ConfigDict:
-  """`config.loss`: `GeneralLPIPSWithDiscriminator` of the released configs (SPEC 7.2-7.6)."""
+  """`config.loss`: `GeneralLPIPSWithDiscriminator` of the released configs."""
   l = ml_collections.ConfigDict()
-  # In Lightning global_step units, which advance twice per iteration i (quirk 15): the G step
+  # In Lightning global_step units, which advance twice per iteration i (two optimizers): the G step
   # compares 2i >= disc_start and the D step 2i+1 >= disc_start. With 20001 the discriminator
   # trains from iteration 10,000 and the adversarial G term is on from iteration 10,001.
   l.disc_start = 20001

@@ -1,4 +1,4 @@
-"""Training losses of VidTok (SPEC §7.2, §7.4) as pure functions.
+"""Training losses of VidTok (reconstruction, GAN, LeCAM) as pure functions.
 
 Everything here is a function of arrays: discriminator logits, gradient norms, the learned
 `logvar`, the global step. Nothing calls a model, so the train step decides how to get logits and
@@ -54,7 +54,7 @@ def sigmoid_cross_entropy_with_logits(labels, logits):
 
 
 def non_saturating_gen_loss(logits_fake):
-  """Patch logits averaged PER SAMPLE first (SPEC §10.17), then BCE with label 1, batch mean.
+  """Patch logits averaged PER SAMPLE first (as officially), then BCE with label 1, batch mean.
 
   logits_fake: `(N, ...)` -> scalar `mean_n softplus(-mean_patches(logits[n]))`.
   """
@@ -141,7 +141,7 @@ def fold_frames(x):
 
 
 def reconstruction_nll(inputs, reconstructions, logvar, perceptual=None, perceptual_weight=1.0):
-  """Reconstruction NLL of `GeneralLPIPSWithDiscriminator` with dims=3 (SPEC §7.2, §10.16).
+  """Reconstruction NLL of `GeneralLPIPSWithDiscriminator` with dims=3.
 
   Args:
     inputs, reconstructions: `(B, T, H, W, C)`, unclamped.
@@ -206,7 +206,7 @@ def discriminator_loss(logits_real, logits_fake, lecam_state, step, *, disc_star
   """Discriminator total (optimizer_idx 1): `disc_factor * (d_loss + w * lecam)`.
 
   logits_real, logits_fake: from two separate discriminator calls (separate BN statistics).
-  The LeCAM EMAs are updated with this batch BEFORE the regulariser uses them (SPEC §10.18);
+  The LeCAM EMAs are updated with this batch BEFORE the regulariser uses them;
   the official code does this in validation too. Returns `(loss, new_lecam_state, log)`; with
   `lecam_weight == 0` the state is returned unchanged and no `lecam_loss` is logged.
   """

@@ -1,4 +1,4 @@
-"""Training state of the VidTok GAN (SPEC 7.1, 7.5): one pytree holding everything that changes.
+"""Training state of the VidTok GAN: one pytree holding everything that changes.
 
 `TrainState` leaves (shapes for a VidTok params tree `P` and discriminator params `D`):
   step              int32 ()      training iteration i (G update = Lightning step 2i, D = 2i+1)
@@ -32,7 +32,7 @@ import optax
 import vidtok_jax
 from vidtok_jax.train import losses
 from vidtok_jax.train import precision as precision_lib
-from vidtok_jax.models.discriminator import NLayerDiscriminator, NLayerDiscriminator3D
+from vidtok_jax.models.discriminator import PatchDiscriminator
 
 # Top-level VidTok param subtrees frozen by `fix_encoder` ("regularization" holds the FSQ
 # projections when dim != len(levels): official encoding, regularizer included, runs without
@@ -81,10 +81,11 @@ def compute_dtype(config, backend=None):
 def make_discriminator(config, backend=None) -> nn.Module:
   """The PatchGAN of `config.loss` (2-D on frames or 3-D on clips), in the compute dtype."""
   lc = config.loss
-  cls = {"2d": NLayerDiscriminator, "3d": NLayerDiscriminator3D}.get(lc.disc_type)
-  if cls is None:
+  dims = {"2d": 2, "3d": 3}.get(lc.disc_type)
+  if dims is None:
     raise ValueError(f"config.loss.disc_type must be '2d' or '3d', got {lc.disc_type!r}")
-  return cls(ndf=lc.disc_ndf, n_layers=lc.disc_layers, dtype=compute_dtype(config, backend))
+  return PatchDiscriminator(dims=dims, ndf=lc.disc_ndf, n_layers=lc.disc_layers,
+                            dtype=compute_dtype(config, backend))
 
 
 def g_param_labels(g_params, fix_encoder: bool):
@@ -97,7 +98,7 @@ def g_param_labels(g_params, fix_encoder: bool):
 
 
 def make_optimizers(config):
-  """`(g_tx, d_tx)`: clip_by_global_norm(20) + Adam(1e-5, 0.9, 0.999, 1e-8) each (SPEC 7.5).
+  """`(g_tx, d_tx)`: clip_by_global_norm(20) + Adam(1e-5, 0.9, 0.999, 1e-8) each, as officially.
 
   With `fix_encoder` the G chain runs under `multi_transform` on the trainable labels only, so
   the clipping norm covers trainable grads (as torch clips the optimizer's param groups) and no

@@ -1,6 +1,6 @@
 """In-training validation: PSNR on fixed validation windows and an input/reconstruction grid.
 
-The windows are the first `config.eval_clips` of `iterate_eval_clips` (SPEC 9.1: frames at
+The windows are the first `config.eval_clips` of `iterate_eval_clips` (as officially: frames at
 `eval_sample_fps` from frame 0, non-overlapping `num_frames` windows, the last one padded by
 repeating its last frame; padded frames are not scored). Every process loads the same windows and
 feeds its rows of each global batch, so the mean is the same on every host. This is a training
@@ -54,7 +54,7 @@ def make_eval_step(config, mesh):
   """`eval_step(model_params, video, valid) -> (psnr_sum, frames, first_input, first_recon)`.
 
   Deterministic reconstruction (posterior mode / FSQ codes, no aux losses) in the training
-  compute dtype; PSNR per frame in [0, 1] as SPEC 9.1; sums are replicated scalars.
+  compute dtype; PSNR per frame in [0, 1] as the official evaluation; sums are replicated scalars.
   """
   model = vidtok_jax.VidTok(state_lib.model_config(config))
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)

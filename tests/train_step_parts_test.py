@@ -1,0 +1,53 @@
+"""The named pieces of the train step (`vidtok_jax/train/step.py`), without a compile.
+
+The whole step's numerics are covered by train_step_test; here: the EMA and non-finite guard
+pieces on tiny trees, and the named scopes that `planning.traffic` groups bytes by.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train_step_test import KL, tiny_config, video
+from vidtok_jax import train
+from vidtok_jax.train import step as step_lib
+
+
+def test_ema_update_litema_decay():
+  ema, params = {"w": jnp.full((3,), 2.0)}, {"w": jnp.zeros((3,))}
+  assert step_lib.ema_update(None, params, None, 5) is None
+  # n = 1: d = min(0.999, 2/11); later the configured decay caps it.
+  got = step_lib.ema_update(ema, params, 0.999, jnp.asarray(1, jnp.int32))
+  np.testing.assert_allclose(got["w"], 2.0 * 2 / 11, rtol=1e-6)
+  got = step_lib.ema_update(ema, params, 0.5, 1000)
+  np.testing.assert_allclose(got["w"], 1.0, rtol=1e-6)
+
+
+def test_guarded_state_discards_every_update():
+  cfg = tiny_config(ema_decay=0.9)
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), train.abstract_train_state(cfg))
+  ones = lambda t: jax.tree.map(jnp.ones_like, t)
+  upd = step_lib.Updates(ones(state.g_params), ones(state.g_opt_state), None,
+                         ones(state.d_params), ones(state.d_opt_state), None)
+  args = (upd, ones(state.d_batch_stats), ones(state.ema_params), ones(state.lecam))
+  kept = step_lib.guarded_state(state, jnp.asarray(False), *args)
+  assert int(kept.step) == 1 and int(kept.skipped) == 1 and int(kept.nonfinite_streak) == 1
+  for name in ("g_params", "d_params", "d_batch_stats", "g_opt_state", "d_opt_state",
+               "ema_params", "lecam"):
+    for a in jax.tree.leaves(getattr(kept, name)):
+      assert not np.any(np.asarray(a)), name
+  new = step_lib.guarded_state(state, jnp.asarray(True), *args)
+  assert int(new.skipped) == 0 and int(new.nonfinite_streak) == 0
+  assert all(np.all(np.asarray(a) == 1) for a in jax.tree.leaves(new.d_params))
+
+
+def test_named_scopes_in_lowered_step():
+  # `planning.traffic` groups the compiled program's bytes by these scopes and module names.
+  cfg = tiny_config(KL, ema_decay=0.99)
+  state = train.abstract_train_state(cfg)
+  x = jax.ShapeDtypeStruct(video().shape, jnp.float32)
+  text = jax.jit(step_lib.make_train_step(cfg)).lower(state, {"video": x}).as_text(
+      debug_info=True)
+  for scope in ("/optimizer/", "/ema/", "/nonfinite_guard/", "jvp(VidTok.encode)",
+                "jvp(PatchDiscriminator)/main_0/"):
+    assert scope in text, scope
