@@ -19,13 +19,14 @@ from start) are skipped and recorded as such. Phases:
 * `micro`: block-level A/Bs at the real shapes, fwd+bwd (see MICRO below).
 * `codec`: encode and decode at `--codec_batch` x 17 x 256^2, bf16, released width.
 * `stage2`: the stage-2 step (17 x 256^2, frozen encoder, `--batch2`).
-* `before`: `--before_tree`'s own `vidtok_jax.bench` train step at the stage-1 point (the code
-  before this change), in a subprocess.
+* `before`: `--before_tree`'s own benchmark train step at the stage-1 point (the code before
+  this change: its `benchmarks/bench.py`, or `-m vidtok_jax.bench` in older trees), in a
+  subprocess.
 
 FLOPs: XLA's cost analysis of the same program lowered for the CPU backend
 (`jit(f).lower(...).cost_analysis()["flops"]`, in a `JAX_PLATFORMS=cpu` subprocess), since on
 GPU the compiled program's analysis leaves out the cuDNN convolutions; utilisation = FLOPs /
-step time / the device's dense bf16 peak (`vidtok_jax.bench.PEAKS`).
+step time / the device's dense bf16 peak (`bench_utils.PEAKS`).
 """
 
 import argparse
@@ -43,8 +44,9 @@ import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+for _path in (str(REPO), str(REPO / "benchmarks")):  # the package; bench_utils beside this file
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 T0 = time.perf_counter()
 GIB = 2**30
@@ -133,10 +135,10 @@ def collect_flops(proc, timeout=300):
 
 
 def train_cfg(a, stage, batch, size):
-  from vidtok_jax import bench
+  from vidtok_jax.planning.configs import train_config
 
   variant = a.config + (",tiny" if a.tiny else "")
-  cfg = bench.train_config(variant_name(a), {}, "bfloat16", batch, a.frames, size)
+  cfg = train_config(variant_name(a), {}, "bfloat16", batch, a.frames, size)
   if a.tiny:  # CPU dry run: the tiny topology at the requested shapes
     import importlib.util
 
@@ -158,9 +160,10 @@ def abstract_step(cfg, batch, frames, size):
   import jax.numpy as jnp
 
   import vidtok_jax
-  from vidtok_jax import bench, train
+  from vidtok_jax import train
+  from vidtok_jax.planning.configs import lpips_abstract_params
 
-  lp = bench.lpips_abstract_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
+  lp = lpips_abstract_params(cfg.loss.lpips_net) if cfg.loss.perceptual_weight > 0 else None
   state = jax.eval_shape(
       lambda p, lp: train.create_train_state(cfg, jax.random.key(0), p, lpips_params=lp),
       vidtok_jax.abstract_params(train.model_config(cfg)), lp)
@@ -325,13 +328,14 @@ def lpips_params_from(path, net):
   import jax
   import numpy as np
 
-  from vidtok_jax import bench
+  from bench_utils import random_lpips_params
+  from vidtok_jax.planning.configs import lpips_abstract_params
 
   if not path or not os.path.exists(path):
     log("LPIPS: random params of the right shapes (no weight file given)")
-    return bench.random_lpips_params(net), "random"
+    return random_lpips_params(net), "random"
   z = np.load(path)
-  abstract = bench.lpips_abstract_params(net)
+  abstract = lpips_abstract_params(net)
   flat = {k: z[k].astype(np.float32) for k in z.files}
   return jax.tree_util.tree_map_with_path(
       lambda p, leaf: flat[jax.tree_util.keystr(p)].reshape(leaf.shape), abstract), "real(fp16)"
@@ -345,7 +349,7 @@ def phase_step1(a, res, st):
   import jax.numpy as jnp
 
   import vidtok_jax
-  from vidtok_jax import bench, train
+  from vidtok_jax import train
   from vidtok_jax.models.autoencoder import _dummy_input
 
   cfg = train_cfg(a, 1, a.batch1, a.size1)
@@ -456,11 +460,11 @@ def phase_profile(a, res, st):
 def add_util(rec, a):
   import jax
 
-  from vidtok_jax import bench
+  from bench_utils import device_peak_tflops
 
   if rec.get("flops"):
     rec["tflops_per_s"] = rec["flops"] / (rec["median_ms"] / 1e3) / 1e12
-    peak = bench.device_peak_tflops(jax.devices()[0].device_kind, "bfloat16")
+    peak = device_peak_tflops(jax.devices()[0].device_kind, "bfloat16")
     if peak:
       rec["peak_tflops"] = peak
       rec["utilisation"] = rec["tflops_per_s"] / peak
@@ -589,7 +593,7 @@ def phase_stage2(a, res, st):
   import jax.numpy as jnp
 
   import vidtok_jax
-  from vidtok_jax import bench, train
+  from vidtok_jax import train
   from vidtok_jax.models.autoencoder import random_params
 
   st.pop("state", None)  # free stage 1
@@ -620,7 +624,6 @@ def phase_stage2(a, res, st):
   add_util(rec, a)
   res.set("stage2", rec)
   log(f"stage2: {timing['median_ms']:.1f} ms/step, util {rec.get('utilisation')}")
-  del bench
 
 
 def phase_before(a, res, st):
@@ -631,7 +634,9 @@ def phase_before(a, res, st):
   st.pop("state", None)
   st.pop("step", None)
   out = os.path.join(a.out, "before.json")
-  cmd = [sys.executable, "-m", "vidtok_jax.bench", "--config", "vidtok_" + a.config.removeprefix(
+  script = os.path.abspath(os.path.join(a.before_tree, "benchmarks", "bench.py"))
+  bench = [script] if os.path.exists(script) else ["-m", "vidtok_jax.bench"]  # pre-move tree
+  cmd = [sys.executable, *bench, "--config", "vidtok_" + a.config.removeprefix(
       "vidtok_"), "--ops", "train_step", "--dtype", "bfloat16", "--shape",
          f"{a.batch1},{a.frames},{a.size1},{a.size1}", "--warmup", str(a.warmup), "--repeats",
          str(a.repeats), "--no-isolate", "--json", out]
@@ -700,12 +705,13 @@ def micro_cases(a):
   cases.append(("layernorm+silu: two-pass vs one-pass variance", grad_of(ln_two), grad_of(ln_one),
                 (x, k311)))
   # LPIPS: one backbone pass over [x; y] vs a pass each (grad w.r.t. y only).
-  from vidtok_jax import bench
   import importlib
+
+  from bench_utils import random_lpips_params
 
   lp_lib = importlib.import_module("vidtok_jax.metrics.lpips")  # the module, not the function
 
-  lpp = jax.device_put(bench.random_lpips_params("vgg"))
+  lpp = jax.device_put(random_lpips_params("vgg"))
   fx = jnp.asarray(rng.uniform(-1, 1, (b * t, s, s, 3)), jnp.float32)
   net = lp_lib.LPIPS(net="vgg", dtype=bf)
   vgg = lp_lib.VGG16Features(dtype=bf)

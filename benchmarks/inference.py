@@ -38,6 +38,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_utils (runpy.run_path adds no folder)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -75,7 +76,7 @@ def timed(fn, repeats):
 
 def random_eval_weights(args):
   """(lpips params, i3d variables): random of the right shapes, or the real I3D file."""
-  from vidtok_jax.bench import random_lpips_params
+  from bench_utils import random_lpips_params
   from vidtok_jax.metrics import i3d
   from vidtok_jax.models.autoencoder import random_params
 

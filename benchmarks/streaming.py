@@ -28,13 +28,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_one(args) -> dict:
   sys.path.insert(0, REPO)
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # bench_utils
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import vidtok_jax
   from vidtok_jax.models.autoencoder import random_params
-  from vidtok_jax.bench import reset_peak_rss, rss_kib
+  from bench_utils import reset_peak_rss, rss_kib
   from vidtok_jax.inference.streaming import Streamer
 
   mode, t, h, w = args.one.split(",")

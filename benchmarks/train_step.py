@@ -42,8 +42,9 @@ import time
 import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+for _path in (str(REPO), str(REPO / "benchmarks")):  # the package; bench_utils beside this file
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 GIB = 1024**3
 
@@ -62,7 +63,7 @@ def lpips_params_for(mode, net):
   """(params or None, the mode actually used)."""
   import importlib
 
-  from vidtok_jax.bench import random_lpips_params
+  from bench_utils import random_lpips_params
 
   lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")  # the module, not the function
 

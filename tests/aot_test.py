@@ -1,10 +1,11 @@
-"""Ahead-of-time train-step plans (`vidtok_jax.planning.aot`, `python -m vidtok_jax.bench --topology`).
+"""Ahead-of-time plans (`vidtok_jax.planning.aot`, `python -m vidtok_jax.planning --topology`).
 
 The reporting path runs on this host's CPU device (`--topology cpu`); the TPU compile itself
 needs libtpu: this interpreter's, or the `.venv-tpu` beside the repository that `make install-tpu`
 (part of `make test`) creates. Without either it is skipped, except under CI, where it must run.
 """
 
+import ast
 import collections
 import json
 import os
@@ -17,9 +18,8 @@ import hlo_forms
 import jax
 import pytest
 
-from vidtok_jax import bench
-
-from vidtok_jax.planning import aot
+from vidtok_jax.planning import __main__ as planner
+from vidtok_jax.planning import aot, configs
 from vidtok_jax.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def test_fit_extrapolates_and_confirms(monkeypatch):
 
 def test_topology_report_on_this_host(tmp_path):
   out = tmp_path / "plan.json"
-  bench.main(TINY + ["--topology=cpu", "--shape=1,9,32,32", f"--json={out}"])
+  planner.main(TINY + ["--topology=cpu", "--shape=1,9,32,32", f"--json={out}"])
   (rec,) = json.loads(out.read_text())
   assert rec["topology"] == "cpu" and rec["devices"] == 1 and rec["clips_per_chip"] == 1
   assert rec["dtype"] == "bfloat16" and rec["precision"] == "default" and not rec["lpips"]
@@ -96,17 +96,17 @@ def test_topology_report_on_this_host(tmp_path):
 
 
 def test_stage_follows_the_official_recipe():
-  assert bench.resolve_stage("auto", 128) == 1 and bench.resolve_stage("auto", 256) == 2
-  assert bench.resolve_stage("1", 256) == 1
-  cfg = bench.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 8, 17, 256, stage=2)
+  assert configs.resolve_stage("auto", 128) == 1 and configs.resolve_stage("auto", 256) == 2
+  assert configs.resolve_stage("1", 256) == 1
+  cfg = configs.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 8, 17, 256, stage=2)
   assert cfg.train.fix_encoder and cfg.stage == 2
-  assert not bench.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 16, 17,
-                                128).train.fix_encoder
+  assert not configs.train_config("vidtok_kl_causal_488_4chn", {}, "bfloat16", 16, 17,
+                                  128).train.fix_encoder
 
 
 def test_inference_plans_on_this_host(tmp_path):
   out = tmp_path / "plan.json"
-  bench.main(TINY + ["--ops=encode,decode", "--topology=cpu", "--shape=1,9,32,32",
+  planner.main(TINY + ["--ops=encode,decode", "--topology=cpu", "--shape=1,9,32,32",
                      f"--json={out}"])
   enc, dec = json.loads(out.read_text())
   assert (enc["op"], dec["op"]) == ("encode", "decode")
@@ -115,7 +115,7 @@ def test_inference_plans_on_this_host(tmp_path):
     assert r["hbm_needed_gib"] > 0 and r["tflop"] > 0 and r["collectives"] == {}
   assert dec["tflop"] > enc["tflop"]  # VidTok's decoder is the heavier half
   with pytest.raises(SystemExit, match="not forward"):
-    bench.main(TINY + ["--ops=forward", "--topology=cpu"])
+    planner.main(TINY + ["--ops=forward", "--topology=cpu"])
 
 
 def _tpu_python():
@@ -135,7 +135,7 @@ needs_libtpu = pytest.mark.skipif(_tpu_python() is None and not os.environ.get("
 @needs_libtpu
 def test_tpu_topology_compile_on_a_cpu_machine(tmp_path):
   out = tmp_path / "tpu.json"
-  p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.bench", *TINY, "--topology=v5e:2x2",
+  p = subprocess.run([_tpu_python(), "-m", "vidtok_jax.planning", *TINY, "--topology=v5e:2x2",
                       "--mesh=data=2,space=2", "--shape=2,9,32,32", f"--json={out}",
                       "--ops=encode,train_step"],
                      capture_output=True, text=True, timeout=1500, cwd=REPO, env=TPU_ENV)
@@ -217,3 +217,46 @@ def test_mesh_is_checked_against_the_target_devices():
   if jax.process_count() == 1:
     mesh_lib.check_mesh_config(cfg, 64)  # one process: no host to span
   assert mesh_lib.platform_of(v5p) == "tpu" and mesh_lib.host_device_counts(v5p)[15] == 4
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                        cwd=REPO)
+
+
+def test_planner_command_and_its_old_path():
+  """`python -m vidtok_jax.planning`; `python -m vidtok_jax.bench` runs it for one more release,
+  with a DeprecationWarning, and points its device timing (no --topology / --fit) to the
+  benchmark in one `error:` line."""
+  p = _run("-m", "vidtok_jax.planning", "--help")
+  assert p.returncode == 0 and "--topology" in p.stdout and "--hlo_dir" in p.stdout, p.stderr
+  p = _run("-W", "always::DeprecationWarning", "-m", "vidtok_jax.bench", "--help")
+  assert p.returncode == 0 and "python -m vidtok_jax.planning" in p.stdout, p.stderr
+  assert "DeprecationWarning: vidtok_jax.bench moved to vidtok_jax.planning" in p.stderr
+  p = _run("-m", "vidtok_jax.bench", "--ops=encode,forward", "--repeats=5", "--no-isolate")
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 1 and len(lines) == 1, p.stderr
+  assert lines[0].startswith("error: the device timing") and "benchmarks/bench.py" in lines[0]
+
+
+# What only the device benchmark (benchmarks/) holds; no package module may import it.
+BENCHMARK_ONLY = ("vidtok_jax.bench", "vidtok_jax.staged_grad", "vidtok_jax.models.stages",
+                  "bench", "bench_utils", "staged_grad", "stages", "benchmarks")
+
+
+def test_the_planner_holds_no_benchmark_code_and_no_import_circle():
+  """Every import in the package, function-level ones included (aot's config import was one),
+  names no benchmark module; a fresh process imports the planner's modules, aot first, alone."""
+  bad = []
+  for path in (REPO / "vidtok_jax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+      bad += [f"{path.relative_to(REPO)}: {n}" for n in names
+              if n in BENCHMARK_ONLY or n.startswith("benchmarks.")]
+  assert not bad, bad
+  code = ("import sys; import vidtok_jax.planning.aot, vidtok_jax.planning.configs, "
+          "vidtok_jax.planning.__main__; "
+          f"print(sorted(set(sys.modules) & set({BENCHMARK_ONLY!r})))")
+  p = _run("-c", code)
+  assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr[-2000:]

@@ -1,15 +1,19 @@
-"""The benchmark CLI (`python -m vidtok_jax.bench`): records, errors, the fit estimate."""
+"""The device timing benchmark (`python benchmarks/bench.py`): records, errors; the planner's
+memory fit estimate (`python -m vidtok_jax.planning --fit`)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
-from vidtok_jax import bench
+from vidtok_jax.planning import __main__ as planner
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts are no package
+import bench  # noqa: E402
+import bench_utils  # noqa: E402
+
 TINY = ["--shape=1,5,16,16", "--set=ch=4", "--repeats=2", "--warmup=1"]
 
 
@@ -34,7 +38,7 @@ def test_records_time_flops_and_memory(tmp_path):
 
 def test_isolated_op_runs_in_a_subprocess(tmp_path):
   out = tmp_path / "bench.json"
-  proc = subprocess.run([sys.executable, "-m", "vidtok_jax.bench", *TINY, "--ops=encode",
+  proc = subprocess.run([sys.executable, "benchmarks/bench.py", *TINY, "--ops=encode",
                          "--peak_tflops=1.0", f"--json={out}"], cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -54,21 +58,29 @@ def test_bad_arguments_are_refused(argv, match, capsys):
   assert match in capsys.readouterr().err
 
 
+def test_plans_are_the_planners():
+  with pytest.raises(SystemExit, match="^error: --fit plans without running: python -m "
+                     "vidtok_jax.planning --fit=16,80"):
+    bench.main(["--fit=16,80"])
+  with pytest.raises(SystemExit, match="error: --topology plans"):
+    bench.main(["--ops=train_step", "--topology", "cpu"])
+
+
 def test_bad_config_override_is_refused():
   with pytest.raises(ValueError, match="unknown model config field 'chh'"):
     bench.main(TINY + ["--set=chh=4", "--no-isolate"])
 
 
 def test_device_peaks():
-  assert bench.device_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
-  assert bench.device_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 66.9
-  assert bench.device_peak_tflops("cpu", "float32") is None
+  assert bench_utils.device_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+  assert bench_utils.device_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 66.9
+  assert bench_utils.device_peak_tflops("cpu", "float32") is None
 
 
 def test_fit_estimates_train_step_memory(tmp_path):
   out = tmp_path / "fit.json"
-  bench.main(["--set=ch=4", "--fit=0.001,1000", "--fit_clips=5x16", "--fit_dtypes=float32",
-              "--fit_remats=blocks", f"--json={out}"])
+  planner.main(["--set=ch=4", "--fit=0.001,1000", "--fit_clips=5x16", "--fit_dtypes=float32",
+                "--fit_remats=blocks", f"--json={out}"])
   (row,) = json.loads(out.read_text())
   assert row["dtype"] == "float32" and row["remat"] == "blocks"
   assert 0 < row["needs_gib"]["5x16x16"] < 1000

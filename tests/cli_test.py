@@ -222,12 +222,12 @@ def test_console_scripts_are_declared():
 
 
 def test_one_override_spelling_for_the_argparse_commands():
-  from vidtok_jax.bench import parse_args
   from vidtok_jax.cli import model_overrides_as_set
+  from vidtok_jax.planning.__main__ import parse_args
 
   assert model_overrides_as_set(["x", "--config.model.ch=32", "--set", "z_channels=8"]) == [
       "x", "--set", "ch=32", "--set", "z_channels=8"]
   with pytest.raises(SystemExit, match="only model fields"):
     model_overrides_as_set(["--config.data.size=8"])
-  assert parse_args(["--config.model.ch=8", "--set", "num_res_blocks=1"]).overrides == {
-      "ch": 8, "num_res_blocks": 1}
+  assert parse_args(["--config.model.ch=8", "--set", "num_res_blocks=1",
+                     "--topology=cpu"]).overrides == {"ch": 8, "num_res_blocks": 1}

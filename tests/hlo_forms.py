@@ -70,9 +70,9 @@ TINY = dict(ch=96, ch_mult=(1, 1, 1), num_res_blocks=1)
 
 
 def tiny_train_config(dtype="auto"):
-  from vidtok_jax import bench
+  from vidtok_jax.planning.configs import train_config
 
-  return bench.train_config("vidtok_kl_causal_488_4chn", TINY, dtype, 2, 9, 32, lpips=False)
+  return train_config("vidtok_kl_causal_488_4chn", TINY, dtype, 2, 9, 32, lpips=False)
 
 
 def _probe(out_path):

@@ -1,14 +1,19 @@
-"""Staged gradients (`vidtok_jax.staged_grad`): the same loss and gradient as one jitted program."""
+"""Staged gradients (`benchmarks/staged_grad.py`, the device benchmark's `--grad staged`): the
+same loss and gradient as one jitted program."""
+
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, random_params
 
 import vidtok_jax
-from vidtok_jax.models import stages as stages_lib
-from vidtok_jax.models.autoencoder import random_params
-from vidtok_jax.staged_grad import StagedGrad
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark scripts are no package
+import stages as stages_lib  # noqa: E402
+from staged_grad import StagedGrad, most_flops_within  # noqa: E402
 
 
 def tiny(name, dtype="float32", **overrides):
@@ -130,8 +135,6 @@ def test_plan_names_every_stage_once():
 
 
 def test_budget_choice_maximises_spared_flops():
-  from vidtok_jax.staged_grad import most_flops_within
-
   mib = 2**20
   # Greedy by FLOPs per byte would take items 1 and 2 (15 FLOPs); the best fit is 0 + 3.
   items = [(10.0, 5 * mib), (8.0, 3 * mib), (7.0, 3 * mib), (6.0, 1 * mib), (1.0, 0)]

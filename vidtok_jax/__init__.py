@@ -41,6 +41,7 @@ def params_from_torch(state_dict, cfg):
 # Old import path -> new, for one release after the re-layout (2026-12); each use warns.
 MOVED = {
     "vidtok_jax.aot": "vidtok_jax.planning.aot",
+    "vidtok_jax.bench": "vidtok_jax.planning.__main__",  # the planner; device timing: benchmarks/
     "vidtok_jax.cli_flags": "vidtok_jax.cli.flags",
     "vidtok_jax.commands": "vidtok_jax.cli",
     "vidtok_jax.commands.eval": "vidtok_jax.cli.eval",

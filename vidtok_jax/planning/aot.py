@@ -120,7 +120,7 @@ def collectives(hlo_text: str) -> dict:
 
 def _abstract_inputs(cfg, mesh, shape, platform):
   from vidtok_jax import train
-  from vidtok_jax.bench import lpips_abstract_params
+  from vidtok_jax.planning.configs import lpips_abstract_params
   from vidtok_jax.train import mesh as mesh_lib
   from vidtok_jax.train import state as state_lib
 

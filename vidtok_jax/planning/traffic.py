@@ -16,9 +16,10 @@ size; each row has both sizes, and `padded` is what the memory system moves.
     python -m vidtok_jax.planning.traffic compare BEFORE.json AFTER.json
     python -m vidtok_jax.planning.traffic report PLAN.hlo.txt.gz
 
-compares two plan records (`bench --topology ... --json F`, which carry a `traffic` entry) group by
-group; `report` reads a compiled program's text saved by `bench --topology ... --hlo_dir D`
-(gzip or plain) and prints its table, without compiling again.
+compares two plan records (`python -m vidtok_jax.planning --topology ... --json F`, which carry
+a `traffic` entry) group by group; `report` reads a compiled program's text saved by
+`python -m vidtok_jax.planning --topology ... --hlo_dir D` (gzip or plain) and prints its
+table, without compiling again.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def _traffic_of(path: str) -> dict:
     if "traffic" in r:
       return r["traffic"]
   raise SystemExit(f"error: {path}: no plan record with a 'traffic' entry (plan with "
-                   f"`bench --topology ... --json {path}`)")
+                   f"`python -m vidtok_jax.planning --topology ... --json {path}`)")
 
 
 def main(argv=None):
@@ -288,7 +289,8 @@ def main(argv=None):
   c.add_argument("after")
   c.add_argument("--rows", type=int, default=30)
   r = sub.add_parser("report", help="the traffic table of a saved compiled program (HLO text)")
-  r.add_argument("hlo", help="a file written by `bench --topology ... --hlo_dir D` (.gz or text)")
+  r.add_argument("hlo", help="a file written by `python -m vidtok_jax.planning --topology ... "
+                 "--hlo_dir D` (.gz or text)")
   r.add_argument("--rows", type=int, default=20)
   a = p.parse_args(argv)
   if a.cmd == "report":

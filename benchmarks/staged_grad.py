@@ -2,11 +2,11 @@
 
 Inside a single jitted program the compiler decides what stays alive, and XLA:CPU keeps far more
 than the backward pass needs (rematerialisation hardly moves its peak). Here each stage of
-`vidtok_jax.models.stages.plan` is its own jitted program, so only one stage's temporaries exist
-at a time. The forward keeps each stage's input; the backward walks the stages in reverse and
-recomputes each one's forward inside its vector-Jacobian product, except for the stages whose
-saved residuals fit `residual_budget_mib`: those (the most FLOPs per saved byte first, e.g.
-the upsamplers) keep their residuals from the forward and are not recomputed.
+`stages.plan` (`benchmarks/stages.py`) is its own jitted program, so only one stage's
+temporaries exist at a time. The forward keeps each stage's input; the backward walks the stages
+in reverse and recomputes each one's forward inside its vector-Jacobian product, except for the
+stages whose saved residuals fit `residual_budget_mib`: those (the most FLOPs per saved byte
+first, e.g. the upsamplers) keep their residuals from the forward and are not recomputed.
 
 The gradient is the exact gradient of the same function (`tests/staged_grad_test.py`: equal to
 `jax.value_and_grad` of the single program to float32 rounding). It suits memory-bound
@@ -14,6 +14,8 @@ training on a host CPU; on accelerators the single jitted program is the faster 
 
     grad_fn = StagedGrad(model, lambda y, x, aux: jnp.mean(jnp.abs(y - x)))
     loss, grads = grad_fn(params, video)          # grads: the same tree as params
+
+It serves the device benchmark (`benchmarks/bench.py --grad staged`), beside which it lives.
 """
 
 from typing import Any, Callable, Optional
@@ -21,8 +23,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from vidtok_jax.models import stages as stages_lib
+import stages as stages_lib  # benchmarks/stages.py, beside this file
 
 REGULARIZER = stages_lib.REGULARIZER
 # Room for the upsamplers' residuals of the released 4x8x8 model at 17x64x64 (their

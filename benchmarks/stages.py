@@ -3,14 +3,13 @@
 `plan(spec)` lists the stages of the whole-clip forward (`VidTok.__call__` without tiling) in
 call order. A stage is a function of the bound `VidTok` and its input, and names the parameter
 subtrees it reads, so it can run (and be differentiated) as its own program with only those
-parameters: what `vidtok_jax.staged_grad` does to bound the backward pass's memory. The plan
+parameters: what `benchmarks/staged_grad.py` does to bound the backward pass's memory. The plan
 mirrors `Encoder.__call__` / `Decoder.__call__`; `tests/staged_grad_test.py` pins the two
 together (same output, every parameter used by exactly one stage).
 """
 
 from typing import Callable, NamedTuple
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 
@@ -66,7 +65,7 @@ def plan(spec, sample: bool = False, compute_aux: bool = True) -> list:
                             i in spec.spatial_ds, i in spec.spatial_ds and i in spec.tempo_ds)
   stages.append(Stage("encoder.mid", (("encoder", "mid"),), lambda m, h: m.encoder.mid(h)))
   stages.append(Stage("encoder.conv_out", (("encoder", "norm_out"), ("encoder", "conv_out")),
-                      lambda m, h: m.encoder.conv_out(nn.silu(m.encoder.norm_out(h)))))
+                      lambda m, h: m.encoder.conv_out(m.encoder.norm_out(h))))  # SiLU inside
   stages.append(Stage(REGULARIZER, ((REGULARIZER,),),
                       lambda m, h, step: m._regularize(h, sample, step, compute_aux)))
 
@@ -79,7 +78,7 @@ def plan(spec, sample: bool = False, compute_aux: bool = True) -> list:
                             i in spec.spatial_us, i in spec.spatial_us and i in spec.tempo_us)
 
   def last(m, h):
-    h = m.decoder.conv_out(nn.silu(m.decoder.norm_out(h)))
+    h = m.decoder.conv_out(m.decoder.norm_out(h))  # norm_out includes the SiLU
     if spec.causal and spec.version == "v1.0":
       h = h[:, spec.time_downsample_factor - 1:]
     return h
