@@ -23,8 +23,8 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
-# Not part of the site: build output, the README draft the lead swaps in, notebook checkpoints.
-exclude_patterns = ["_build", "_readme_next.md", "requirements.txt", "**.ipynb_checkpoints",
+# Not part of the site: build output, notebook checkpoints.
+exclude_patterns = ["_build", "requirements.txt", "**.ipynb_checkpoints",
                     "Thumbs.db", ".DS_Store"]
 
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
@@ -55,17 +55,3 @@ html_theme_options = {
 }
 html_static_path = []
 
-
-def _drop_spec_references(app, what, name, obj, options, lines):
-  """Docstrings cite sections of a design document that is not shipped ("SPEC 6.2"); the site
-  leaves those citations out rather than point at something the reader cannot open."""
-  import re
-
-  for i, line in enumerate(lines):
-    line = re.sub(r" ?\([^()]*\bSPEC\b[^()]*\)", "", line)
-    line = re.sub(r",? SPEC §?[0-9.]+", "", line)
-    lines[i] = line
-
-
-def setup(app):
-  app.connect("autodoc-process-docstring", _drop_spec_references)

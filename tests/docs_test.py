@@ -33,7 +33,8 @@ ARGPARSE_COMMANDS = {
     "vidtok-convert": ["cli/convert.py"],
     "vidtok_jax.data": ["cli/check_data.py"],
     "vidtok-check-data": ["cli/check_data.py"],
-    "vidtok_jax.bench": ["bench.py"],
+    "vidtok_jax.bench": ["planning/__main__.py"],  # the planner's old path, for one release
+    "vidtok_jax.planning": ["planning/__main__.py"],
     "vidtok_jax.cli.demo": ["cli/demo.py"],
     "vidtok_jax.planning.traffic": ["planning/traffic.py"],
 }
@@ -175,6 +176,56 @@ def test_a_wrong_flag_is_caught(line, problem):
 
 def test_known_flags_pass():
   for line in ("python eval.py --config=configs/vidtok.py:x --pretrained=x --nofvd --size=64",
-               "python -m vidtok_jax.bench --topology cpu --no-lpips --shape 1,17,64,64",
+               "python -m vidtok_jax.planning --topology cpu --no-lpips --shape 1,17,64,64",
                "python train.py --config.train.mesh.space=4 --distributed", "make docs"):
     assert problems_of(line) == [], line
+
+
+# The architecture page against the tree: every package and top-level module of vidtok_jax/ is
+# named (as `vidtok_jax/NAME/` or `vidtok_jax/NAME.py`), and every file or folder the page names
+# exists, relative to the repository, to vidtok_jax/, or to the package whose paragraph names it.
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+PATH_SPAN = re.compile(r"`([\w./-]+(?:\.py|/))`")
+
+
+def architecture_problems(text: str) -> list:
+  named, problems = set(), []
+  for paragraph in re.split(r"\n\s*\n", text):
+    package = re.match(r"\*\*`vidtok_jax/(\w+)/`\*\*", paragraph)
+    bases = [REPO, PKG] + ([PKG / package[1]] if package else [])
+    for span in PATH_SPAN.findall(paragraph):
+      named.add(span)
+      if not any((base / span).exists() for base in bases):
+        problems.append(f"`{span}` is named on the page but does not exist")
+  tree = {f"vidtok_jax/{p.name}/" for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+  tree |= {f"vidtok_jax/{p.name}" for p in PKG.glob("*.py")}
+  problems += [f"{unit} is not named on the page" for unit in sorted(tree - named)]
+  if len(named) < 60:
+    problems.append(f"only {len(named)} paths found: the page's format changed?")
+  return problems
+
+
+def test_architecture_page_matches_the_tree():
+  assert not architecture_problems(ARCHITECTURE.read_text()), "\n".join(
+      architecture_problems(ARCHITECTURE.read_text()))
+
+
+def test_architecture_drift_is_caught():
+  text = ARCHITECTURE.read_text()
+  dropped = re.sub(r"\*\*`vidtok_jax/metrics/`\*\*.*?\n\n", "", text, flags=re.S)
+  assert "vidtok_jax/metrics/ is not named on the page" in architecture_problems(dropped)
+  extra = text + "\n\n**`vidtok_jax/models/`** — `stages.py`.\n"
+  assert "`stages.py` is named on the page but does not exist" in architecture_problems(extra)
+
+
+def test_no_user_visible_text_cites_unshipped_documents():
+  """Docstrings, help strings and messages (every string in the package) say what they mean
+  instead of citing a design document that is not shipped ("SPEC 9.1", "STYLE 4", "quirk 15")."""
+  citation = re.compile(r"\b(?:SPEC|STYLE)\b\s*§?\s*\d|\bquirks? \d")  # its quirk list too
+  found = []
+  for path in sorted(PKG.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        found += [f"{path.relative_to(REPO)}:{node.lineno}: {m.group(0)!r}"
+                  for m in citation.finditer(node.value)]
+  assert not found, "\n".join(found)

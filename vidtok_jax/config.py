@@ -1,4 +1,4 @@
-"""Model configs of every released VidTok variant, by official name (SPEC 3.5).
+"""Model configs of every released VidTok variant, by official name.
 
 A model config is a flat `ml_collections.ConfigDict` whose fields carry the official YAML names
 (`encoder_config.params` / `decoder_config.params` / `regularizer_config.params` merged), so a
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import ml_collections
 
-# Fields shared by every release (SPEC 3.5); `None` schedules mean "the official default".
+# Fields shared by every release; `None` schedules mean "the official default".
 BASE = dict(
     version="v1.0",  # engine: "v1.0" (autoencoder) or "v1.1" (autoencoder_v1_1)
     causal=True,  # model_3dcausal* vs model_3dnoncausal

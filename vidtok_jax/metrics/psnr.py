@@ -1,4 +1,4 @@
-"""PSNR exactly as VidTok's `compute_psnr` (SPEC §9.1), per frame.
+"""PSNR exactly as VidTok's `compute_psnr` in its evaluation, per frame.
 
 `psnr = -10 * log10(mean((x - y)^2) + 1e-8)` over (H, W, C) of each frame, data in [0, 1];
 identical frames give 80 dB. The official function returns the frame mean; we return the

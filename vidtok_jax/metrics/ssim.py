@@ -1,4 +1,4 @@
-"""SSIM exactly as VidTok's `compute_ssim` (SPEC §9.1, §10.23), per frame.
+"""SSIM exactly as VidTok's `compute_ssim` in its evaluation, per frame.
 
 Per frame `(H, W, C)` in [0, 1]:
 1. `f = max(1, round(min(H, W) / 256))` with Python's half-to-even round; if f > 1 both images

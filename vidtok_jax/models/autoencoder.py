@@ -1,7 +1,7 @@
 """`VidTok`: the autoencoding engine (encoder + regularizer + decoder) of every release.
 
 Videos are channels-last `(B, T, H, W, 3)` in [-1, 1]; a `(B, H, W, 3)` image batch is a 1-frame
-video (causal models). Frame arithmetic (f = time factor, SPEC 1.3):
+video (causal models). Frame arithmetic (f = time factor, the official arithmetic):
 
 | family | latents T' | `decode` frames | forward frames |
 | v1.0 causal | floor(T_pad / f), T_pad = T + (f-1 if T % f else 0) | f*T' - (f-1) | = decode |
@@ -47,7 +47,7 @@ class VidTok(nn.Module):
   `encode(x, sample=False, step=0, compute_aux=True) -> (z, aux)`, `decode(z) -> video`,
   `decode_indices(indices) -> video` (FSQ), and the forward `__call__(x) -> (z, video, aux)`.
 
-  Chunked inference of causal models (the official v1.1 tiling, SPEC 6.2): `encode(...,
+  Chunked inference of causal models (the official v1.1 tiling): `encode(...,
   t_chunk_enc=16)`, `decode(..., t_chunk_dec=4, use_overlap=True)` (also `decode_indices` and
   the forward) run the official chunk schedule with the per-module caches carried between
   chunks, the steady chunks under one `lax.scan`. The explicit-state steps behind them are

@@ -1,4 +1,4 @@
-"""Latent regularizers: diagonal Gaussian (KL) and FSQ with straight-through rounding (SPEC 5).
+"""Latent regularizers: diagonal Gaussian (KL) and FSQ with straight-through rounding.
 
 Both act on channels-last latents `(B, T', H', W', C)`.
 """
@@ -130,8 +130,8 @@ def fsq_entropy_terms(fsq: FSQ, z, inv_temperature: float = 100.0):
 
   `z`: `(N, D)` float32 raw (unbounded) latents. The logits are a sum over the D dims, so `p` is
   the product of D per-dim softmaxes; the dims are split into two groups, `p_k = a_i b_j` with
-  `a`, `b` of about sqrt(K) entries each, and nothing of size `N x K` is built (SPEC 5.2 warns
-  the dense form needs ~1 MiB per token at K = 262,144):
+  `a`, `b` of about sqrt(K) entries each, and nothing of size `N x K` is built (the
+  dense form needs ~1 MiB per token at K = 262,144):
   * per-sample `H(p) = -sum p log max(p, eps)`: with `b` sorted, `a_i b_j >= eps` holds for a
     suffix of `j`, so each `i` needs one search and prefix/suffix sums, `O(N sqrt(K) log K)`;
   * codebook entropy: `avg_p = A^T B / N` is one `(sqrt K x N) @ (N x sqrt K)` matmul.
@@ -175,7 +175,7 @@ class FSQRegularizer(nn.Module):
   """`FSQRegularizer`: `(B, T', H', W', dim) -> codes (same shape), {"indices", "aux_loss", ...}`.
 
   With `dim != len(levels)` a `project_in` / `project_out` Dense maps to/from the code space.
-  The aux loss (entropy + commitment, SPEC 5.2) uses the raw projected z and the entropy weight
+  The aux loss (entropy + commitment) uses the raw projected z and the entropy weight
   annealed to `step`; `compute_aux=False` skips it (its exact factorised form costs `O(N sqrt(K) log K)`).
   """
 

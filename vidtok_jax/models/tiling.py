@@ -1,4 +1,4 @@
-"""The v1.1 chunked ("tiled") inference schedule (SPEC 6.2), as pure functions of a chunk step.
+"""The v1.1 chunked ("tiled") inference schedule, as pure functions of a chunk step.
 
 A chunk step is `step(x, state, key, kind) -> (seq, scalars, state)`, `kind` being "first",
 "steady" or "last" (static): `seq` is a pytree of arrays with
