@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vidtok_jax.models.layers import Cache, CausalConv, Conv, normalize
+from vidtok_jax.models.layers import Cache, CausalConv, Conv
+from vidtok_jax.models.norms import normalize
 
 Dtype = Any
 
@@ -39,11 +40,12 @@ def residual_branch(block: nn.Module, x, stats: str, conv):
   """`conv2(silu(norm2(conv1(silu(norm1(x))))))`, the shared body of every residual block.
 
   `conv(name)` builds the block's conv; called inside `block`'s compact method, so the
-  submodules are `block`'s own (`norm1`, `conv1`, `norm2`, `conv2`).
+  submodules are `block`'s own (`norm1`, `conv1`, `norm2`, `conv2`). Each norm includes its
+  SiLU (`normalize(..., silu=True)`: the backward pass keeps only the norm's input).
   """
-  h = nn.silu(normalize(block.norm_type, stats, "norm1", block.param_dtype)(x))
+  h = normalize(block.norm_type, stats, "norm1", block.param_dtype, silu=True)(x)
   h = conv("conv1")(h)
-  h = nn.silu(normalize(block.norm_type, stats, "norm2", block.param_dtype)(h))
+  h = normalize(block.norm_type, stats, "norm2", block.param_dtype, silu=True)(h)
   return conv("conv2")(h)
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from vidtok_jax.models.blocks import streamed
 from vidtok_jax.models.encoder import Mid, SpatialLevel, TemporalLevel, conv3
-from vidtok_jax.models.layers import Cache, normalize
+from vidtok_jax.models.layers import Cache
+from vidtok_jax.models.norms import normalize
 
 Dtype = Any
 
@@ -57,14 +58,14 @@ class Decoder(nn.Module):
                       self.temp_upsample_m[i], self.norm_type, self.remat, **kw)
         for i in range(n)]
     self.norm_out = normalize(self.norm_type, "frame" if self.causal else "clip", None,
-                              self.param_dtype)
+                              self.param_dtype, silu=True)
     self.conv_out = conv3(self.out_ch, self.causal, self.version, None, **kw)
 
   def __call__(self, z, cache: Optional[Cache] = None, return_cache: bool = False,
                overlap: bool = False):
     """Streaming (causal): as `Encoder`. `overlap=True` marks the last latent of `z` as the
     look-ahead latent of v1.1 tiled decoding: every cache then leaves out the frames that latent
-    occupies at its module's frame rate (the official cache offsets 1/2/4/8, SPEC 6.2)."""
+    occupies at its module's frame rate (the official cache offsets 1/2/4/8)."""
     new = {}
     rate = 1  # output frames per latent at the current depth
 
@@ -82,7 +83,7 @@ class Decoder(nn.Module):
         if i in self.tempo_us:
           rate *= 2  # the upsampler's conv already runs at the doubled rate
           h = run(self.up_temporal[i].upsample, f"up_temporal.{i}.upsample", h, rate)
-    h = run(self.conv_out, "conv_out", nn.silu(self.norm_out(h)), rate)
+    h = run(self.conv_out, "conv_out", self.norm_out(h), rate)  # norm_out includes the SiLU
     if self.causal and self.version == "v1.0" and cache is None:
       h = h[:, self.time_downsample_factor - 1:]  # only the first chunk holds the padding frames
     return (h, new) if return_cache else h

@@ -3,7 +3,7 @@
 `(B, T, H, W, in_channels) -> (B, T', H / s, W / s, 2*z_channels or z_channels)` with s the spatial
 factor (2 per `spatial_ds` level). Causal models first pad copies of frame 0 in front (v1.0: f-1
 frames iff T % f != 0; v1.1: f - T % f frames iff T % f != 0), so T' = floor(T_pad / f); the
-non-causal encoder takes T >= 4 frames and gives T' = floor(T / 4) (see SPEC 1.3).
+non-causal encoder takes T >= 4 frames and gives T' = floor(T / 4).
 """
 
 from typing import Any, Optional, Sequence
@@ -20,17 +20,9 @@ from vidtok_jax.models.blocks import (
   TemporalBlock,
   streamed,
 )
-from vidtok_jax.models.layers import (
-  Cache,
-  CausalConv,
-  Conv,
-  Downsample,
-  TimeDownsample,
-  TimeUpsample,
-  Upsample,
-  normalize,
-  time_pad_front,
-)
+from vidtok_jax.models.layers import Cache, CausalConv, Conv, time_pad_front
+from vidtok_jax.models.norms import normalize
+from vidtok_jax.models.resample import Downsample, TimeDownsample, TimeUpsample, Upsample
 
 Dtype = Any
 
@@ -179,7 +171,7 @@ class Encoder(nn.Module):
         for i in range(n)]
     self.mid = Mid(widths[-1], self.causal, self.version, self.norm_type, self.remat, **kw)
     self.norm_out = normalize(self.norm_type, "frame" if self.causal else "clip", None,
-                              self.param_dtype)
+                              self.param_dtype, silu=True)
     out = 2 * self.z_channels if self.double_z else self.z_channels
     self.conv_out = conv3(out, self.causal, self.version, None, **kw)
 
@@ -209,5 +201,5 @@ class Encoder(nn.Module):
         if i in self.tempo_ds:
           h = run(self.down_temporal[i].downsample, f"down_temporal.{i}.downsample", h)
     h = run(self.mid, "mid", h)
-    h = run(self.conv_out, "conv_out", nn.silu(self.norm_out(h)))
+    h = run(self.conv_out, "conv_out", self.norm_out(h))  # norm_out includes the SiLU
     return (h, new) if return_cache else h

@@ -1,4 +1,4 @@
-"""Layers of the VidTok autoencoder: norms, (causal) convolutions, AlphaBlender and resamplers.
+"""Layers of the VidTok autoencoder: (causal) convolutions and the platform they are lowered for.
 
 Every module works on channels-last videos `(B, T, H, W, C)`. Per-frame 2-D convs are 3-D convs
 with kernel `(1, kh, kw)` and per-pixel temporal convs are 3-D convs with kernel `(k, 1, 1)`, so
@@ -13,6 +13,9 @@ ahead-of-time planner from the TPU topology) and otherwise JAX's default backend
 
 Versions: "v1.0" causal convs pad time with zeros; "v1.1" causal convs pad time with copies of
 the first frame (or, when streaming, with frames cached from the previous chunk).
+
+The norms live in `models.norms` and the resamplers in `models.resample`; their names are still
+importable from here.
 """
 
 import contextlib
@@ -23,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vidtok_jax.models.norms import STATS_AXES, LayerNorm, NormCore, normalize  # noqa: F401
 
 Dtype = Any
 Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference
@@ -330,225 +335,14 @@ class CausalConv(nn.Module):
     return y, kept[:, kept.shape[1] - pt:]
 
 
-class NormCore(nn.Module):
-  """Group/Layer norm with explicit statistics axes (biased variance, float32 statistics).
-
-  `groups=1, reduce_axes=()` is LayerNorm over channels. `reduce_axes` are axes of the
-  `(B, T, H, W, C)` input, besides the channels of a group, that share statistics: `(2, 3)` per
-  frame, `(1, 2, 3)` per clip, `(1,)` per pixel over time, `()` per position.
-  """
-
-  groups: int = 1
-  reduce_axes: Sequence[int] = ()
-  eps: float = 1e-6
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    if c % self.groups:
-      raise ValueError(f"GroupNorm needs channels ({c}) divisible by groups ({self.groups})")
-    scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
-    xg = x.astype(at_least_f32(x.dtype)).reshape(*x.shape[:-1], self.groups, c // self.groups)
-    axes = tuple(self.reduce_axes) + (xg.ndim - 1,)
-    mean = xg.mean(axes, keepdims=True)
-    var = jnp.square(xg - mean).mean(axes, keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (y * scale + bias).astype(x.dtype)
+_RESAMPLE = ("AlphaBlender", "Downsample", "Upsample", "TimeDownsample", "TimeUpsample",
+             "trilinear_time_2x", "nearest_time_2x")
 
 
-class LayerNorm(nn.Module):
-  """The official `LayerNorm` wrapper (params under a child named `norm`), over channels."""
+def __getattr__(name):
+  """The resamplers, moved to `models.resample` (which imports this module: resolved lazily)."""
+  if name in _RESAMPLE:
+    from vidtok_jax.models import resample
 
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return NormCore(1, (), param_dtype=self.param_dtype, name="norm")(x)
-
-
-STATS_AXES = {"frame": (2, 3), "clip": (1, 2, 3), "pixel": (1,), "position": ()}
-
-
-def normalize(norm_type: str, stats: str, name: str, param_dtype=jnp.float32) -> nn.Module:
-  """`Normalize(C, norm_type)`; `stats` picks GroupNorm's statistics (see STATS_AXES)."""
-  if norm_type == "layernorm":
-    return LayerNorm(param_dtype=param_dtype, name=name)
-  if norm_type == "groupnorm":
-    return NormCore(32, STATS_AXES[stats], param_dtype=param_dtype, name=name)
-  raise ValueError(f"norm_type must be 'layernorm' or 'groupnorm', got {norm_type!r}")
-
-
-class AlphaBlender(nn.Module):
-  """`a * x1 + (1 - a) * x2` with `a = sigmoid(mix_factor)`, `mix_factor` learned (init 2.0)."""
-
-  init_value: float = 2.0
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x1, x2):
-    mix = self.param("mix_factor", nn.initializers.constant(self.init_value), (1,),
-                     self.param_dtype)
-    alpha = jax.nn.sigmoid(mix).astype(x1.dtype)
-    return alpha * x1 + (1.0 - alpha) * x2
-
-
-def _blend(parent: nn.Module, x1, x2):
-  """AlphaBlender sharing `parent`'s scope, so `mix_factor` sits where the official key has it."""
-  blender = AlphaBlender(param_dtype=parent.param_dtype)
-  nn.share_scope(parent, blender)
-  return blender(x1, x2)
-
-
-class Downsample(nn.Module):
-  """Per-frame 2x spatial downsample: pad right/bottom by 1, 3x3 stride-2 VALID conv.
-
-  `(B, T, H, W, C) -> (B, T, H // 2, W // 2, C)`. `with_conv=False` is the (unused in releases)
-  2x2 average pool.
-  """
-
-  features: int
-  with_conv: bool = True
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    if not self.with_conv:
-      b, t, h, w, c = x.shape
-      x = x[:, :, : h // 2 * 2, : w // 2 * 2]
-      return x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean((3, 5))
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
-    return Conv(self.features, (1, 3, 3), (1, 2, 2), "VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
-
-
-class Upsample(nn.Module):
-  """Per-frame 2x nearest spatial upsample (in float32) then a 3x3 conv (padding 1)."""
-
-  features: int
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    dtype = x.dtype
-    x = jnp.repeat(jnp.repeat(x.astype(at_least_f32(dtype)), 2, axis=2), 2, axis=3).astype(dtype)
-    return Conv(self.features, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)), dtype=self.dtype,
-                param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
-
-
-def _avg_pool_time(x):
-  """Mean over time windows of 3 with stride 2: `(B, T, ...) -> (B, (T - 3) // 2 + 1, ...)`."""
-  n = (x.shape[1] - 3) // 2 + 1
-  return (x[:, 0: 2 * n - 1: 2] + x[:, 1: 2 * n: 2] + x[:, 2: 2 * n + 1: 2]) / 3.0
-
-
-class TimeDownsample(nn.Module):
-  """2x temporal downsample `T -> floor(T / 2)` (T >= 2): AlphaBlender of avg-pool and conv.
-
-  causal v1.0: pool over [zero frame, x]; conv = v1.0 CausalConv3d k3 stride (2,1,1).
-  causal v1.1: pool over [frame 0, x]; conv = v1.1 CausalConv3d. Streaming (both causal
-  versions): the pool's front frame is the cached last frame of the previous chunk.
-  non-causal: pool and conv (k3, stride 2, H/W padding 1) over [x, zero frame].
-  """
-
-  features: int
-  causal: bool = True
-  version: str = "v1.0"
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
-               cache_offset: Optional[int] = None):
-    del cache_offset  # encoder modules keep their whole input as context
-    if x.shape[1] < 2:
-      raise ValueError(f"temporal downsampling needs at least 2 frames, got {x.shape[1]}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    if not self.causal:
-      padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-      conv = Conv(self.features, (3, 3, 3), (2, 1, 1), ((0, 0), (1, 1), (1, 1)), name="conv",
-                  **kw)(padded)
-      return _blend(self, _avg_pool_time(padded), conv)
-    conv_mod = CausalConv(self.features, (3, 3, 3), (2, 1, 1), version=self.version, name="conv",
-                          **kw)
-    if cache is not None:
-      front = cache["pool"].astype(x.dtype)
-    else:  # v1.0 pools over a zero frame, v1.1 over a copy of frame 0
-      front = jnp.zeros_like(x[:, :1]) if self.version == "v1.0" else x[:, :1]
-    pooled = _avg_pool_time(jnp.concatenate([front, x], axis=1))
-    if not return_cache:
-      return _blend(self, pooled, conv_mod(x, None if cache is None else cache["conv"]))
-    conv, conv_cache = conv_mod(x, None if cache is None else cache["conv"], return_cache=True)
-    return _blend(self, pooled, conv), {"pool": x[:, -1:], "conv": conv_cache}
-
-
-def trilinear_time_2x(x):
-  """Linear 2x interpolation along time, half-pixel centres, edge-clamped, in float32."""
-  dtype = x.dtype
-  x = x.astype(at_least_f32(dtype))
-  prev = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
-  nxt = jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
-  even, odd = 0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt
-  out = jnp.stack([even, odd], axis=2).reshape(x.shape[0], 2 * x.shape[1], *x.shape[2:])
-  return out.astype(dtype)
-
-
-def nearest_time_2x(x):
-  return jnp.repeat(x, 2, axis=1)
-
-
-class TimeUpsample(nn.Module):
-  """2x temporal upsample `T -> 2T`: AlphaBlender of an interpolation and a conv applied to it.
-
-  v1.0 causal / non-causal: nearest interpolation (each frame twice). v1.1 causal: nearest or
-  trilinear; trilinear interpolates the first `num_temp_upsample` (m) frames apart from the rest
-  in a first chunk, and in later chunks interpolates [cache, x] and drops the first 2m outputs.
-  """
-
-  features: int
-  causal: bool = True
-  version: str = "v1.0"
-  interpolation_mode: str = "nearest"
-  num_temp_upsample: int = 1
-  cache_offset: int = 0
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-
-  def _interpolate(self, x, cache):
-    """Returns the interpolated frames and the interpolation cache (None for nearest)."""
-    if self.interpolation_mode == "nearest" or self.version == "v1.0":
-      return nearest_time_2x(x), None
-    if self.interpolation_mode != "trilinear":
-      raise ValueError(f"interpolation_mode must be 'nearest' or 'trilinear', "
-                       f"got {self.interpolation_mode!r}")
-    m = self.num_temp_upsample
-    if cache is None:
-      head, tail = x[:, :m], x[:, m:]
-      parts = [trilinear_time_2x(head)] + ([trilinear_time_2x(tail)] if tail.shape[1] else [])
-      return jnp.concatenate(parts, axis=1), x[:, -m:]
-    cat = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-    return trilinear_time_2x(cat)[:, 2 * m:], cat[:, cat.shape[1] - 2 * m: cat.shape[1] - m]
-
-  @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
-               cache_offset: Optional[int] = None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    if not self.causal:
-      up = nearest_time_2x(x)
-      return _blend(self, up, Conv(self.features, (3, 3, 3), (1, 1, 1), ((1, 1),) * 3, name="conv",
-                                   **kw)(up))
-    conv_mod = CausalConv(self.features, (3, 3, 3), version=self.version,
-                          cache_offset=self.cache_offset, name="conv", **kw)
-    up, interp_cache = self._interpolate(x, None if cache is None else cache["interp"])
-    conv_cache_in = None if cache is None else cache["conv"]
-    if not return_cache:
-      return _blend(self, up, conv_mod(up, conv_cache_in))
-    conv, conv_cache = conv_mod(up, conv_cache_in, return_cache=True, cache_offset=cache_offset)
-    return _blend(self, up, conv), {"interp": interp_cache, "conv": conv_cache}
+    return getattr(resample, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
