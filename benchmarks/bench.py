@@ -61,7 +61,7 @@ def build(op: str, a):
   import numpy as np
 
   import vidtok_jax
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
   from vidtok_jax.planning.configs import model_config, resolve_stage, train_config
 
   b, t, h, w = a.shape

@@ -1,8 +1,11 @@
-"""Helpers of the device benchmarks: process memory, device peaks, random LPIPS weights.
+"""Helpers of the device benchmarks: process memory, device peaks, random weights.
 
 A benchmark script imports this beside it (`sys.path` gets the `benchmarks/` folder, see
 `bench.py`); the package itself holds nothing that only benchmarks use.
 """
+
+import os
+import sys
 
 # Dense peak TFLOP/s (bfloat16, float32) by device kind, from vendor data sheets.
 PEAKS = {
@@ -41,9 +44,19 @@ def reset_peak_rss():
     pass
 
 
+def random_params(abstract, seed: int = 0):
+  """numpy-random params of `abstract`'s shapes: the tests' helper (`tests/random_weights.py`),
+  one implementation for both (timing does not depend on the values)."""
+  tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+  if tests not in sys.path:
+    sys.path.append(tests)
+  from random_weights import random_params as draw
+
+  return draw(abstract, seed)
+
+
 def random_lpips_params(net: str):
   """LPIPS params of the right shapes with random values (timing does not depend on them)."""
-  from vidtok_jax.models.autoencoder import random_params
   from vidtok_jax.planning.configs import lpips_abstract_params
 
   return random_params(lpips_abstract_params(net), seed=1)

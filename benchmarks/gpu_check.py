@@ -558,7 +558,7 @@ def phase_codec(a, res, st):
   import numpy as np
 
   import vidtok_jax
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   cfg = codec_model_cfg(a)
   model = vidtok_jax.VidTok(cfg)
@@ -594,7 +594,7 @@ def phase_stage2(a, res, st):
 
   import vidtok_jax
   from vidtok_jax import train
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   st.pop("state", None)  # free stage 1
   st.pop("step", None)

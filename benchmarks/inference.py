@@ -78,7 +78,7 @@ def random_eval_weights(args):
   """(lpips params, i3d variables): random of the right shapes, or the real I3D file."""
   from bench_utils import random_lpips_params
   from vidtok_jax.metrics import i3d
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   if args.i3d_weights:
     variables = i3d.load_i3d_variables(args.i3d_weights)
@@ -117,7 +117,7 @@ def run_eval(args, out):
 
   # The module (the package attribute `vidtok_jax.metrics.lpips` is the function).
   lpips_lib = importlib.import_module("vidtok_jax.metrics.lpips")
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   cfg = eval_config(args)
   params = jax.device_put(random_params(vidtok_jax_abstract(cfg.model), 0))
@@ -202,7 +202,7 @@ def vidtok_jax_abstract(model_cfg):
 
 def run_codec(args, out):
   import vidtok_jax
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   cfg = model_config(args)
   model = vidtok_jax.VidTok(cfg)
@@ -227,7 +227,7 @@ def run_codec(args, out):
 
 def run_stream(args, out, op):
   import vidtok_jax
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
   from vidtok_jax.inference.streaming import Streamer
 
   cfg = model_config(args)

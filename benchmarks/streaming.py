@@ -34,7 +34,7 @@ def run_one(args) -> dict:
   import numpy as np
 
   import vidtok_jax
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
   from bench_utils import reset_peak_rss, rss_kib
   from vidtok_jax.inference.streaming import Streamer
 

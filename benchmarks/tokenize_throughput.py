@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import vidtok_jax
-from vidtok_jax.models.autoencoder import random_params
+from bench_utils import random_params
 from vidtok_jax.tokenize import TokenizeJob
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

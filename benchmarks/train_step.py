@@ -163,7 +163,7 @@ def run_point(a, checkpoint=lambda rec: None):
   )
 
   t0 = time.perf_counter()
-  from vidtok_jax.models.autoencoder import random_params
+  from bench_utils import random_params
 
   params = random_params(vidtok_jax.abstract_params(cfg.model), seed=0)
   lp, rec["lpips"] = (

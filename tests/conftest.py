@@ -102,5 +102,5 @@ def module_params(module, torch_params, *args, **kwargs):
   return params
 
 
-# One implementation, in the package (benchmarks use it too).
-from vidtok_jax.models.autoencoder import random_params  # noqa: E402,F401
+# One implementation, a testing helper beside this file (benchmarks/ import it too).
+from random_weights import random_params  # noqa: E402,F401

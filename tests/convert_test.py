@@ -418,7 +418,8 @@ def tiny_workdir(path, variant="kl_causal_488_4chn"):
   """A `vidtok-train` workdir (`<path>/checkpoints/<step>/`) holding one step of a tiny model:
   `(config, trained params, EMA params)`, random, with float32 edge values in one kernel."""
   from vidtok_jax import train
-  from vidtok_jax.models.autoencoder import abstract_params, random_params
+  from random_weights import random_params
+  from vidtok_jax.models.autoencoder import abstract_params
   from vidtok_jax.train.checkpoint import Checkpoints
   from vidtok_jax.train.configs import get_config
 

@@ -46,7 +46,9 @@ for module in {modules!r}:
     failed[module] = f"{{type(e).__name__}}: {{e}}"
 
 import numpy as np, jax, vidtok_jax
-from vidtok_jax.models.autoencoder import abstract_params, random_params
+sys.path.insert(0, "tests")  # random_weights, the tests' helper (cwd: the repository)
+from random_weights import random_params
+from vidtok_jax.models.autoencoder import abstract_params
 from vidtok_jax.inference.streaming import Streamer
 cfg = vidtok_jax.load_config("vidtok_fsq_causal_488_4096", ch=8, num_res_blocks=1)
 model = vidtok_jax.VidTok(cfg)

@@ -20,7 +20,8 @@ from conftest import REPO
 import vidtok_jax
 from vidtok_jax.weights import hub as pretrained
 from vidtok_jax.weights import state_dict_from_params
-from vidtok_jax.models.autoencoder import abstract_params, random_params
+from random_weights import random_params
+from vidtok_jax.models.autoencoder import abstract_params
 
 NAME, OVERRIDES = "fsq_causal_488_262144", dict(ch=16)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

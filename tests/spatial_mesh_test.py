@@ -36,7 +36,7 @@ sys.path.insert(0, sys.argv[1])
 from spatial_mesh_test import CASES, tiny
 from vidtok_jax import train
 from vidtok_jax.planning import aot
-from vidtok_jax.models.autoencoder import random_params
+from random_weights import random_params
 import vidtok_jax
 
 from vidtok_jax.train import state as state_lib

@@ -501,7 +501,9 @@ SHARDED_CHILD = textwrap.dedent("""
     jax.config.update("jax_disable_most_optimizations", True)
     import numpy as np
     import vidtok_jax
-    from vidtok_jax.models.autoencoder import abstract_params, random_params
+    sys.path.insert(0, "tests")  # random_weights (cwd: the repository)
+    from random_weights import random_params
+    from vidtok_jax.models.autoencoder import abstract_params
     from vidtok_jax.inference.streaming import Streamer
 
     assert len(jax.devices()) == 4, jax.devices()

@@ -298,24 +298,3 @@ def init_params(config, rng) -> Any:
   model = VidTok(config)
   init = jax.jit(lambda r: model.init(r, _dummy_input(model.config), compute_aux=False))
   return init(rng)["params"]
-
-
-def random_params(abstract, seed: int = 0) -> Any:
-  """numpy-random params of `abstract`'s shapes (e.g. `abstract_params(config)`), drawn like the
-  reference fixtures' weights: kernels N(0, 1/fan_in), norm scales N(1, .1), mix factors N(0, 1),
-  everything else N(0, .1). For tests and benchmarks: far cheaper than compiling `init`."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = getattr(path[-1], "key", str(path[-1]))
-    shape = leaf.shape
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    if name == "scale":
-      return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "mix_factor":
-      return rng.standard_normal(shape).astype(np.float32)
-    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
