@@ -247,20 +247,13 @@ def table(records) -> str:
 
 
 def parse_args(argv=None):
+  from vidtok_jax.planning.configs import add_model_flags
+
   p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="vidtok_kl_causal_488_4chn", help="released variant name")
+  add_model_flags(p)
   p.add_argument("--shape", default="1,17,64,64", help="B,T,H,W of the input video")
   p.add_argument("--ops", default="encode,decode,forward,fwd_bwd", help=f"from {', '.join(OPS)}")
-  p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
-                 help="compute dtype (params stay float32); auto: bf16 on GPU/TPU, float32 on "
-                      "CPU (the training default)")
-  p.add_argument("--precision", default="auto",
-                 choices=("auto", "default", "high", "highest", "tf32"),
-                 help="conv/matmul precision; auto: backend default with bf16, highest with "
-                      "float32; tf32: float32 with TF32 tensor cores (A100/H100)")
-  p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
-                 help="train_step: include the LPIPS term (random VGG weights of the right shapes)")
   p.add_argument("--remat", default="none", choices=("none", "convs", "blocks"))
   p.add_argument("--stage", default="auto", choices=("auto", "1", "2"),
                  help="train_step: the training stage (2: frozen encoder, decoder-only); auto: "

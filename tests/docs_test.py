@@ -74,6 +74,9 @@ def absl_flags(paths: tuple) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def argparse_flags(paths: tuple) -> frozenset:
   names = {"help"}
+  # The model flags the planner and benchmarks/bench.py share are defined in one function.
+  if any("add_model_flags(" in (PKG / rel).read_text() for rel in paths):
+    paths = (*paths, "planning/configs.py")
   for call in _calls(paths):
     if call.func.attr != "add_argument":
       continue

@@ -35,6 +35,7 @@ import sys
 from vidtok_jax.planning import aot
 from vidtok_jax.planning.configs import (
   abstract_train_step,
+  add_model_flags,
   model_config,
   parse_set,
   resolve_stage,
@@ -177,19 +178,10 @@ def plan_table(r) -> str:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m vidtok_jax.planning", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="vidtok_kl_causal_488_4chn", help="released variant name")
+  add_model_flags(p, ", for the planned devices' platform")
   p.add_argument("--shape", default="1,17,64,64",
                  help="B,T,H,W of the input video (B: the global batch over the slice)")
   p.add_argument("--ops", default="train_step", help=f"with --topology, from {', '.join(PLAN_OPS)}")
-  p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
-                 help="compute dtype (params stay float32); auto: bf16 on GPU/TPU, float32 on "
-                      "CPU (the training default), for the planned devices' platform")
-  p.add_argument("--precision", default="auto",
-                 choices=("auto", "default", "high", "highest", "tf32"),
-                 help="conv/matmul precision; auto: backend default with bf16, highest with "
-                      "float32; tf32: float32 with TF32 tensor cores (A100/H100)")
-  p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
-                 help="train_step: include the LPIPS term")
   p.add_argument("--topology", default=None,
                  help="compile for a TPU slice, e.g. v5p:4x4x4 (needs libtpu; a comma list "
                       "with --fit), or 'cpu' (this host's devices): per-chip memory, cost, "

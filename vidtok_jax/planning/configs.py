@@ -5,6 +5,7 @@ Shared by the planner (`python -m vidtok_jax.planning`), `vidtok_jax.planning.ao
 benchmarks (`benchmarks/`), so a plan and a timed run build the same program.
 """
 
+import argparse
 import json
 
 
@@ -86,3 +87,18 @@ def parse_set(items) -> dict:
     except json.JSONDecodeError:
       out[key] = value
   return out
+
+
+def add_model_flags(p, platform_note: str = ""):
+  """The flags that pick the model and its numerics, shared by the planner and the device
+  benchmark (`benchmarks/bench.py`), so both read a command line the same way."""
+  p.add_argument("--config", default="vidtok_kl_causal_488_4chn", help="released variant name")
+  p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype (params stay float32); auto: bf16 on GPU/TPU, float32 on "
+                      "CPU (the training default)" + platform_note)
+  p.add_argument("--precision", default="auto",
+                 choices=("auto", "default", "high", "highest", "tf32"),
+                 help="conv/matmul precision; auto: backend default with bf16, highest with "
+                      "float32; tf32: float32 with TF32 tensor cores (A100/H100)")
+  p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
+                 help="train_step: include the LPIPS term (random VGG weights of the right shapes)")
