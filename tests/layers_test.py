@@ -201,3 +201,29 @@ def test_conv_forms_follow_the_platform_lowered_for(how):
     assert forms == {"conv_by_taps": 0, "tie_to": 0}
     assert len(convs) == 6 and not ops(text, "dot_general")
     assert sum(c["rhs"][0] == k_out.shape for c in convs) >= 1  # conv_out: a convolution
+
+
+@pytest.mark.parametrize("platform,dtype,barrier", [("tpu", jnp.bfloat16, True),
+                                                    ("gpu", jnp.bfloat16, True),
+                                                    ("cpu", jnp.bfloat16, False),
+                                                    ("tpu", jnp.float32, False)])
+def test_norm_input_barrier_on_accelerators_only(platform, dtype, barrier):
+  """On accelerators a narrower-than-float32 norm input passes an optimization barrier (so XLA
+  cannot fuse the norm's float32 cast into the producing conv, which then wrote float32), in
+  the backward pass too; CPU programs and float32 models have none. The values are the same."""
+  norm = layers.normalize("groupnorm", "frame", None, silu=True)
+  x = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 64)).astype(dtype)
+  p = norm.init(jax.random.key(1), x)
+
+  def f(p, x):
+    with layers.lowering_platform(platform):
+      return jax.grad(lambda p, x: jnp.sum(norm.apply(p, x).astype(jnp.float32) ** 2),
+                      (0, 1))(p, x)
+
+  text = jax.jit(f).lower(p, x).as_text()
+  assert ("optimization_barrier" in text) == barrier
+  with layers.lowering_platform("cpu"):
+    ref = norm.apply(p, x)
+  with layers.lowering_platform(platform):
+    got = norm.apply(p, x)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))

@@ -39,7 +39,7 @@ def test_bytes_add_up_to_xla_total_and_groups_name_modules(compiled):
   # The conv's input-gradient / weight-gradient ops are backward ones.
   assert groups["bwd Toy/conv"]["bytes"] > 0 and groups["Toy/conv"]["bytes"] > 0
   assert sum(g["bytes"] for g in r["groups"]) == r["bytes"]
-  assert r["top"][0]["padded"] >= r["top"][-1]["padded"]
+  assert r["top"][0]["bytes"] >= r["top"][-1]["bytes"]
   assert "convolution" in r["opcodes"]
 
 
@@ -71,12 +71,14 @@ def test_compare_cli(compiled, tmp_path, capsys):
   before.write_text(json.dumps([{"op": "x"}, {"traffic": r}]))
   half = json.loads(json.dumps(r))
   for g in half["groups"]:
-    g["padded"] //= 2
-  half["padded"] = sum(g["padded"] for g in half["groups"])
+    g["bytes"] //= 2
+  half["bytes"] = sum(g["bytes"] for g in half["groups"])
   after.write_text(json.dumps({"traffic": half}))
   assert traffic.main(["compare", str(before), str(after)]) == 0
   out = capsys.readouterr().out
   assert "bwd Toy/conv" in out and "total (0.50x)" in out
+  assert traffic.main(["compare", "--hbm", str(before), str(after)]) == 0  # HBM: unchanged
+  assert "total (1.00x)" in capsys.readouterr().out
   (tmp_path / "c.json").write_text("{}")
   with pytest.raises(SystemExit, match="no plan record"):
     traffic.main(["compare", str(before), str(tmp_path / "c.json")])
@@ -98,11 +100,23 @@ ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
 """
 
 
-def test_on_chip_copies_count_hbm_bytes_only_and_take_their_users_name():
+def test_on_chip_copies_count_in_both_measures_and_take_their_users_name():
   r = traffic.report(HLO)
   rows = {o["opcode"]: o for o in r["top"]}
-  # copy-start reads 2 KiB of HBM (its VMEM destination and sync flag are not HBM traffic); the
-  # fusion reads VMEM and writes 2 KiB of HBM.
-  assert rows["copy-start"]["bytes"] == 8 * 128 * 2  # the operand; its alias in the tuple is free
-  assert rows["fusion"]["bytes"] == 8 * 128 * 2
+  kib2 = 8 * 128 * 2
+  # XLA's measure counts every memory space: copy-start reads 2 KiB of HBM and writes 2 KiB of
+  # VMEM (plus a 4-byte sync flag); the fusion reads the VMEM copy and writes 2 KiB of HBM.
+  assert rows["copy-start"]["bytes"] == 2 * kib2 + 4
+  assert rows["fusion"]["bytes"] == 2 * kib2
+  # HBM bytes: the copy's read and the fusion's write only.
+  assert rows["copy-start"]["padded"] == kib2 and rows["fusion"]["padded"] == kib2
   assert rows["copy-start"]["group"] == "M/enc"  # named after the fusion that uses what it moves
+
+
+def test_step_arguments_group_by_path():
+  part = traffic.model_part
+  assert (part("state.g_params[\\'model\\'][\\'encoder\\'][\\'mid\\'][\\'block_0\\']"
+               "[\\'conv1\\'][\\'kernel\\']") == "weights VidTok/encoder/mid")
+  assert part("state.g_opt_state[1][0].mu[\\'model\\'][\\'decoder\\']") == "optimizer state"
+  assert part("state.lpips_params[\\'vgg16\\'][\\'conv1_1\\']") == "weights LPIPS/vgg16/conv1_1"
+  assert part("state.ema_params[\\'model\\'][\\'decoder\\']") == "EMA weights VidTok/decoder"

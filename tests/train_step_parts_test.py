@@ -51,3 +51,38 @@ def test_named_scopes_in_lowered_step():
   for scope in ("/optimizer/", "/ema/", "/nonfinite_guard/", "jvp(VidTok.encode)",
                 "jvp(PatchDiscriminator)/main_0/"):
     assert scope in text, scope
+
+
+def test_apply_gradients_norms_are_the_applied_updates_and_overflow_is_discarded():
+  # The update norms (and the guard's `ok`) come from a second trace of the optimizers behind
+  # an optimization barrier: they must be those of the update the state actually receives, and
+  # a non-finite update from finite grads and a finite state must still discard the step.
+  cfg = tiny_config(KL)
+  # Zero params: the new params are the updates, exactly.
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), train.abstract_train_state(cfg))
+  ctx = step_lib.step_context(cfg, jax.default_backend())
+  rng = np.random.default_rng(1)
+  normal = lambda t: jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), t)
+  g_grads, d_grads = normal(state.g_params), normal(state.d_params)
+  one = jnp.asarray(1.0)
+  g = step_lib.GeneratorOut(None, g_grads, None, one, one, one, one, one, {}, {})
+  d = step_lib.DiscriminatorOut(one, d_grads, state.d_batch_stats, state.lecam, {})
+  apply = jax.jit(lambda s, g, d: step_lib.apply_gradients(ctx, s, g, d))
+
+  new, norms, finite, ok = apply(state, g, d)
+  assert bool(ok) and float(norms["g_update_norm"]) > 0
+  for p, name in (("g_params", "g_update_norm"), ("d_params", "d_update_norm")):
+    delta = jax.tree.map(lambda a, b: a - b, getattr(new, p), getattr(state, p))
+    np.testing.assert_allclose(norms[name], step_lib.losses.global_norm(delta), rtol=1e-5)
+
+  # A first moment of 1e30 (finite) with a zero second moment: Adam's update overflows.
+  mu = lambda t: 1e30 if "mu" in str(t) else 0.0
+  big = state.replace(g_opt_state=jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.full(a.shape, mu(path), a.dtype) if jnp.issubdtype(
+          a.dtype, jnp.floating) else a, state.g_opt_state))
+  new, norms, finite, ok = apply(big, g, d)
+  assert not bool(ok) and bool(finite["g_grads"]) and not bool(finite["g_updates"])
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(big)):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_array_equal(a, b)
+  assert int(new.skipped) == 1

@@ -18,8 +18,6 @@ The norms live in `models.norms` and the resamplers in `models.resample`; their 
 importable from here.
 """
 
-import contextlib
-import contextvars
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -28,29 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidtok_jax.models.norms import STATS_AXES, LayerNorm, NormCore, normalize  # noqa: F401
+from vidtok_jax.models.platform import lowering_platform, target_platform  # noqa: F401
 
 Dtype = Any
 Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference
-
-_PLATFORM = contextvars.ContextVar("vidtok_jax_lowering_platform", default=None)
-
-
-@contextlib.contextmanager
-def lowering_platform(platform: Optional[str]):
-  """Within the block the model is traced for `platform` ("cpu", "gpu", "tpu"; None: JAX's
-  default backend). Enter it inside the traced function, so every trace of that function
-  sees it (jit caches a function's trace, not this setting)."""
-  token = _PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _PLATFORM.reset(token)
-
-
-def target_platform() -> str:
-  """The platform the model is being traced for (see `lowering_platform`)."""
-  return _PLATFORM.get() or jax.default_backend()
-
 
 def at_least_f32(dtype):
   """The dtype statistics/interpolations run in: float32, or float64 for a float64 model."""

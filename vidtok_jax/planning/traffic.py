@@ -9,9 +9,18 @@ it reads from and writes to memory, not what happens inside it. An instruction b
 model part its `op_name` metadata names: Flax module paths (`encoder/down_1/block_0/...`) under
 the jit and autodiff wrappers, with `bwd` for the transposed (backward) pass.
 
-On a TPU, arrays are stored in tiles (e.g. `T(8,128)`: the two most minor dimensions padded to
-multiples of 8 and 128), so an array whose minor dimension is 3 or 4 occupies 32-43x its logical
-size; each row has both sizes, and `padded` is what the memory system moves.
+Two sizes per row. `bytes` is XLA's own measure (`cost_analysis()["bytes accessed"]`): logical
+sizes in every memory space, so an operand that a TPU's memory-space assignment stages into its
+on-chip VMEM (`copy-start` / `slice-start`, layouts marked `S(1)`) counts at the copy (HBM read,
+VMEM write) and again at the op that reads it from VMEM. `padded` is what HBM moves: arrays in
+VMEM count 0, and HBM arrays count with their tiles (e.g. `T(8,128)`: the two most minor
+dimensions padded to multiples of 8 and 128, so an array whose minor dimension is 3 or 4 occupies
+32-43x its logical size). The targets of the performance page are in XLA's measure; `padded` says
+what an HBM-bound step pays.
+
+Arguments of the step are named by their pytree path (`state.g_params['model']['encoder']...`):
+their reads (weight staging, optimizer passes) are grouped as `weights <module path>`,
+`optimizer state` and so on, so the weights of a model part are seen apart from its activations.
 
     python -m vidtok_jax.planning.traffic compare BEFORE.json AFTER.json
     python -m vidtok_jax.planning.traffic report PLAN.hlo.txt.gz
@@ -53,15 +62,16 @@ _COMP = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
 
 def _array_bytes(dtype: str, dims: str, layout: Optional[str], tiling: Optional[str]):
-  """`(logical, padded)` bytes of one array shape; padded applies the layout's first tile.
-  Arrays in another memory space than HBM (`S(1)`: a TPU's on-chip VMEM, where XLA's memory
-  space assignment prefetches operands with `copy-start` / `slice-start`) count 0: reading them
-  moves no HBM bytes."""
-  if tiling and re.search(r"S\([1-9]\)", tiling):
-    return 0, 0
+  """`(logical, padded)` bytes of one array shape. `logical` in any memory space (XLA's cost
+  model counts them all); `padded` applies the layout's first tile and is 0 for arrays in
+  another memory space than HBM (`S(1)`: a TPU's on-chip VMEM, where XLA's memory space
+  assignment stages operands with `copy-start` / `slice-start`): reading them moves no HBM
+  bytes."""
   shape = [int(d) for d in dims.split(",") if d]
   size = DTYPE_BYTES.get(dtype, 4)
   logical = size * math.prod(shape)
+  if tiling and re.search(r"S\([1-9]\)", tiling):
+    return logical, 0
   padded = logical
   if tiling and shape:
     tile = re.match(r"T\(([0-9,]+)\)", tiling)
@@ -161,6 +171,10 @@ def model_part(op_name: str, depth: int = 2) -> str:
   (`optimizer`, ...) of ops outside modules; prefixed `bwd ` for the backward pass."""
   if not op_name:
     return "(unnamed)"
+  arg = _ARG.match(op_name)
+  if arg:  # a step argument, named by its pytree path
+    return _arg_part(arg.group(1), re.findall(r"\['([^']*)'\]", op_name.replace("\\'", "'")),
+                     depth)
   first = op_name.split(";")[0]
   parts = [p for p in first.split("/") if p]
   bwd = any(p.startswith("transpose(") for p in parts)
@@ -173,6 +187,23 @@ def model_part(op_name: str, depth: int = 2) -> str:
   mods = [p for p in mods if not _METHOD.match(p)]
   key = "/".join(roots[-1:] + mods[:depth]) or "(top level)"
   return ("bwd " if bwd else "") + key
+
+
+_ARG = re.compile(r"^(?:\w+\.)?(g_params|ema_params|d_params|lpips_params|g_opt_state|"
+                  r"d_opt_state|d_batch_stats|params)\b")
+_ARG_ROOT = {"g_params": "VidTok", "ema_params": "VidTok", "params": "VidTok",
+             "d_params": "PatchDiscriminator", "d_batch_stats": "PatchDiscriminator",
+             "lpips_params": "LPIPS"}
+
+
+def _arg_part(field: str, keys: list, depth: int) -> str:
+  """The group of a step argument's path: `weights VidTok/encoder/mid` for a model leaf,
+  `optimizer state` for Adam moments, `EMA weights` for the EMA copy."""
+  if field in ("g_opt_state", "d_opt_state"):
+    return "optimizer state"
+  keys = keys[1:] if keys[:1] == ["model"] else keys
+  path = "/".join([_ARG_ROOT[field]] + keys[:depth])
+  return ("EMA weights " if field == "ema_params" else "weights ") + path
 
 
 def _output_bytes(ins):
@@ -202,7 +233,8 @@ def _nearest_name(ins, by_name, step, depth: int = 4) -> str:
 
 def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
   """The traffic of a compiled program's HLO text: totals, the `top` ops and all groups by
-  padded bytes. Each row: bytes (logical), padded (tile-padded), count / opcode, group."""
+  XLA's measure. Each row: bytes (XLA's measure: logical, every memory space), padded (HBM
+  only, tile-padded), count / opcode, group."""
   mod = parse(hlo)
   comps = mod["computations"]
   ops, groups = [], collections.defaultdict(lambda: dict(bytes=0, padded=0, count=0))
@@ -232,11 +264,11 @@ def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
       row["bytes"] += lo
       row["padded"] += pa
       row["count"] += 1
-  ops.sort(key=lambda r: -r["padded"])
-  group_rows = sorted(({"group": k, **v} for k, v in groups.items()), key=lambda r: -r["padded"])
+  ops.sort(key=lambda r: -r["bytes"])
+  group_rows = sorted(({"group": k, **v} for k, v in groups.items()), key=lambda r: -r["bytes"])
   by_opcode = collections.Counter()
   for r in ops:
-    by_opcode[r["opcode"]] += r["padded"]
+    by_opcode[r["opcode"]] += r["bytes"]
   return dict(bytes=sum(r["bytes"] for r in ops), padded=sum(r["padded"] for r in ops),
               ops=len(ops), top=ops[:top], groups=group_rows,
               opcodes=dict(by_opcode.most_common()))
@@ -245,26 +277,28 @@ def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
 def table(traffic: dict, rows: int = 15) -> str:
   """A text table of a `report`'s groups and top ops."""
   gb = lambda v: f"{v / 1e9:9.3f}"  # noqa: E731
-  out = [f"traffic: {gb(traffic['padded'])} GB padded ({gb(traffic['bytes'])} GB logical) in "
-         f"{traffic['ops']} ops", f"{'GB padded':>9} {'GB logical':>10} {'ops':>5}  group"]
+  out = [f"traffic: {gb(traffic['bytes'])} GB accessed (XLA's measure), {gb(traffic['padded'])} "
+         f"GB of HBM (tile-padded) in {traffic['ops']} ops",
+         f"{'GB XLA':>9} {'GB HBM':>10} {'ops':>5}  group"]
   for g in traffic["groups"][:rows]:
-    out.append(f"{gb(g['padded'])} {gb(g['bytes']):>10} {g['count']:5d}  {g['group']}")
-  out.append(f"{'GB padded':>9} {'opcode':<14} group / op")
+    out.append(f"{gb(g['bytes'])} {gb(g['padded']):>10} {g['count']:5d}  {g['group']}")
+  out.append(f"{'GB XLA':>9} {'opcode':<14} group / op")
   for r in traffic["top"][:rows]:
-    out.append(f"{gb(r['padded'])} {r['opcode']:<14} {r['group']}  {r['shape'][:60]}")
+    out.append(f"{gb(r['bytes'])} {r['opcode']:<14} {r['group']}  {r['shape'][:60]}")
   return "\n".join(out)
 
 
-def compare(before: dict, after: dict, rows: int = 30) -> str:
-  """Group-by-group padded GB of two traffic reports (`before`, `after`, after - before)."""
-  b = {g["group"]: g["padded"] for g in before["groups"]}
-  a = {g["group"]: g["padded"] for g in after["groups"]}
+def compare(before: dict, after: dict, rows: int = 30, measure: str = "bytes") -> str:
+  """Group-by-group GB of two traffic reports (`before`, `after`, after - before), in XLA's
+  measure (`measure="bytes"`) or HBM's (`"padded"`)."""
+  b = {g["group"]: g[measure] for g in before["groups"]}
+  a = {g["group"]: g[measure] for g in after["groups"]}
   keys = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0), b.get(k, 0)))
   out = [f"{'before GB':>10} {'after GB':>10} {'change':>10}  group"]
   for k in keys[:rows]:
     x, y = b.get(k, 0) / 1e9, a.get(k, 0) / 1e9
     out.append(f"{x:10.3f} {y:10.3f} {y - x:+10.3f}  {k}")
-  x, y = before["padded"] / 1e9, after["padded"] / 1e9
+  x, y = before[measure] / 1e9, after[measure] / 1e9
   out.append(f"{x:10.3f} {y:10.3f} {y - x:+10.3f}  total ({y / x if x else float('nan'):.2f}x)")
   return "\n".join(out)
 
@@ -284,10 +318,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m vidtok_jax.planning.traffic",
                               description="Compare the memory traffic of two plan records.")
   sub = p.add_subparsers(dest="cmd", required=True)
-  c = sub.add_parser("compare", help="group-by-group padded bytes of two plans")
+  c = sub.add_parser("compare", help="group-by-group bytes of two plans")
   c.add_argument("before")
   c.add_argument("after")
   c.add_argument("--rows", type=int, default=30)
+  c.add_argument("--hbm", action="store_true",
+                 help="compare HBM bytes (tile-padded, VMEM excluded) instead of XLA's measure")
   r = sub.add_parser("report", help="the traffic table of a saved compiled program (HLO text)")
   r.add_argument("hlo", help="a file written by `python -m vidtok_jax.planning --topology ... "
                  "--hlo_dir D` (.gz or text)")
@@ -303,7 +339,8 @@ def main(argv=None):
       raise SystemExit(f"error: {a.hlo}: cannot read the program text ({e})")
     print(table(report(text, top=max(a.rows, 1)), rows=a.rows))
     return 0
-  print(compare(_traffic_of(a.before), _traffic_of(a.after), a.rows))
+  print(compare(_traffic_of(a.before), _traffic_of(a.after), a.rows,
+                "padded" if a.hbm else "bytes"))
   return 0
 
 

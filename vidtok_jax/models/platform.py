@@ -1,0 +1,32 @@
+"""The platform a model is traced for: forms that differ by backend are chosen by it.
+
+`target_platform()` is the innermost `lowering_platform(name)` block (whoever builds a program for
+other devices sets it: the train step from its mesh, the ahead-of-time planner from the TPU
+topology) and otherwise JAX's default backend. Never `jax.default_backend()` directly: a program
+lowered on a CPU host for a TPU topology must be the TPU's program.
+"""
+
+import contextlib
+import contextvars
+from typing import Optional
+
+import jax
+
+_PLATFORM = contextvars.ContextVar("vidtok_jax_lowering_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_platform(platform: Optional[str]):
+  """Within the block the model is traced for `platform` ("cpu", "gpu", "tpu"; None: JAX's
+  default backend). Enter it inside the traced function, so every trace of that function
+  sees it (jit caches a function's trace, not this setting)."""
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform the model is being traced for (see `lowering_platform`)."""
+  return _PLATFORM.get() or jax.default_backend()
