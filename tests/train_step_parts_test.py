@@ -46,11 +46,14 @@ def test_named_scopes_in_lowered_step():
   cfg = tiny_config(KL, ema_decay=0.99)
   state = train.abstract_train_state(cfg)
   x = jax.ShapeDtypeStruct(video().shape, jnp.float32)
-  text = jax.jit(step_lib.make_train_step(cfg)).lower(state, {"video": x}).as_text(
-      debug_info=True)
+  # Traced with the TPU's forms: a training trace has the guard's one barrier and none of the
+  # norm-input barriers of accelerator inference (`layers.training_forms`).
+  text = jax.jit(step_lib.make_train_step(cfg, platform="tpu")).lower(
+      state, {"video": x}).as_text(debug_info=True)
   for scope in ("/optimizer/", "/ema/", "/nonfinite_guard/", "jvp(VidTok.encode)",
                 "jvp(PatchDiscriminator)/main_0/"):
     assert scope in text, scope
+  assert text.count("stablehlo.optimization_barrier") == 1
 
 
 def test_apply_gradients_norms_are_the_applied_updates_and_overflow_is_discarded():

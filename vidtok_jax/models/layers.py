@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidtok_jax.models.norms import STATS_AXES, LayerNorm, NormCore, normalize  # noqa: F401
-from vidtok_jax.models.platform import lowering_platform, target_platform  # noqa: F401
+from vidtok_jax.models.platform import (  # noqa: F401
+    lowering_platform, target_platform, training_forms, tracing_for_training)
 
 Dtype = Any
 Cache = Any  # pytree of arrays carried between chunks in streaming (v1.1) inference

@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 
 _PLATFORM = contextvars.ContextVar("vidtok_jax_lowering_platform", default=None)
+_TRAINING = contextvars.ContextVar("vidtok_jax_training_forms", default=False)
 
 
 @contextlib.contextmanager
@@ -30,3 +31,20 @@ def lowering_platform(platform: Optional[str]):
 def target_platform() -> str:
   """The platform the model is being traced for (see `lowering_platform`)."""
   return _PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def training_forms():
+  """Within the block the model is traced for a training step (forward and backward) rather than
+  for inference: forms whose cost differs between the two (see `norms.NormCore`) follow it.
+  `make_train_step` enters it inside the traced step."""
+  token = _TRAINING.set(True)
+  try:
+    yield
+  finally:
+    _TRAINING.reset(token)
+
+
+def tracing_for_training() -> bool:
+  """Whether the model is being traced inside `training_forms()`."""
+  return _TRAINING.get()

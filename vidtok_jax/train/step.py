@@ -392,7 +392,8 @@ def make_train_step(config, lpips_params=None, mesh=None, platform=None):
   ctx = step_context(config, platform, lpips_params, mesh)
 
   def train_step(state, batch):
-    with layers.lowering_platform(platform):  # at trace time: the forms of the target
+    # At trace time: the forms of the target platform, and of training (not inference).
+    with layers.lowering_platform(platform), layers.training_forms():
       return train_step_body(ctx, state, batch)
 
   train_step.platform = platform
