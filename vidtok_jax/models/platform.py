@@ -17,15 +17,19 @@ _TRAINING = contextvars.ContextVar("vidtok_jax_training_forms", default=False)
 
 
 @contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value):
+  token = var.set(value)
+  try:
+    yield
+  finally:
+    var.reset(token)
+
+
 def lowering_platform(platform: Optional[str]):
   """Within the block the model is traced for `platform` ("cpu", "gpu", "tpu"; None: JAX's
   default backend). Enter it inside the traced function, so every trace of that function
   sees it (jit caches a function's trace, not this setting)."""
-  token = _PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _PLATFORM.reset(token)
+  return _setting(_PLATFORM, platform)
 
 
 def target_platform() -> str:
@@ -33,16 +37,11 @@ def target_platform() -> str:
   return _PLATFORM.get() or jax.default_backend()
 
 
-@contextlib.contextmanager
 def training_forms():
   """Within the block the model is traced for a training step (forward and backward) rather than
   for inference: forms whose cost differs between the two (see `norms.NormCore`) follow it.
   `make_train_step` enters it inside the traced step."""
-  token = _TRAINING.set(True)
-  try:
-    yield
-  finally:
-    _TRAINING.reset(token)
+  return _setting(_TRAINING, True)
 
 
 def tracing_for_training() -> bool:
