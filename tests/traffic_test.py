@@ -63,6 +63,9 @@ def test_model_part():
   assert traffic.model_part(name) == "VidTok/encoder/down_0"
   assert traffic.model_part("jit(f)/VidTok.encode/VidTok._regularize/mul") == "VidTok"
   assert traffic.model_part("") == "(unnamed)"
+  # The planner's encode / decode take the weights as `params`.
+  assert (traffic.model_part("params[\\'decoder\\'][\\'up_1\\'][\\'block_0\\']")
+          == "weights VidTok/decoder/up_1")
 
 
 def test_compare_cli(compiled, tmp_path, capsys):
@@ -79,6 +82,11 @@ def test_compare_cli(compiled, tmp_path, capsys):
   assert "bwd Toy/conv" in out and "total (0.50x)" in out
   assert traffic.main(["compare", "--hbm", str(before), str(after)]) == 0  # HBM: unchanged
   assert "total (1.00x)" in capsys.readouterr().out
+  old = dict(r)
+  del old["measure"]  # a report written by the meter before both measures existed
+  (tmp_path / "d.json").write_text(json.dumps({"traffic": old}))
+  with pytest.raises(SystemExit, match="different meters"):
+    traffic.main(["compare", str(tmp_path / "d.json"), str(after)])
   (tmp_path / "c.json").write_text("{}")
   with pytest.raises(SystemExit, match="no plan record"):
     traffic.main(["compare", str(before), str(tmp_path / "c.json")])

@@ -228,13 +228,14 @@ def lower_inference(model_cfg, op: str, devices, backend: Optional[str] = None,
                         vidtok_jax.abstract_params(model_cfg))
   x = split(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
 
-  def encode(p, x):
+  # The argument is named `params`: the traffic meter groups a weight's staging by that path.
+  def encode(params, x):
     with layers.lowering_platform(platform):  # traced for the target, not this host
-      return model.apply({"params": p}, x, method=model.encode)[0]
+      return model.apply({"params": params}, x, method=model.encode)[0]
 
-  def decode(p, z):
+  def decode(params, z):
     with layers.lowering_platform(platform):
-      return model.apply({"params": p}, z, method=model.decode)
+      return model.apply({"params": params}, z, method=model.decode)
 
   fn, arg = encode, x
   if op == "decode":

@@ -189,6 +189,10 @@ def model_part(op_name: str, depth: int = 2) -> str:
   return ("bwd " if bwd else "") + key
 
 
+# What a report's `bytes` / `padded` mean. Reports written before 2026-12-07 have no `measure`:
+# their `bytes` left VMEM out, so they do not compare with these.
+MEASURE = "xla-all-spaces/hbm-padded"
+
 _ARG = re.compile(r"^(?:\w+\.)?(g_params|ema_params|d_params|lpips_params|g_opt_state|"
                   r"d_opt_state|d_batch_stats|params)\b")
 _ARG_ROOT = {"g_params": "VidTok", "ema_params": "VidTok", "params": "VidTok",
@@ -269,7 +273,8 @@ def report(hlo: str, top: int = 20, depth: int = 2) -> dict:
   by_opcode = collections.Counter()
   for r in ops:
     by_opcode[r["opcode"]] += r["bytes"]
-  return dict(bytes=sum(r["bytes"] for r in ops), padded=sum(r["padded"] for r in ops),
+  return dict(measure=MEASURE, bytes=sum(r["bytes"] for r in ops),
+              padded=sum(r["padded"] for r in ops),
               ops=len(ops), top=ops[:top], groups=group_rows,
               opcodes=dict(by_opcode.most_common()))
 
@@ -291,6 +296,10 @@ def table(traffic: dict, rows: int = 15) -> str:
 def compare(before: dict, after: dict, rows: int = 30, measure: str = "bytes") -> str:
   """Group-by-group GB of two traffic reports (`before`, `after`, after - before), in XLA's
   measure (`measure="bytes"`) or HBM's (`"padded"`)."""
+  if before.get("measure") != after.get("measure"):
+    raise ValueError(f"the two reports were written by different meters ({before.get('measure')} "
+                     f"vs {after.get('measure')}): re-read both programs with "
+                     f"`python -m vidtok_jax.planning.traffic report` or plan them again")
   b = {g["group"]: g[measure] for g in before["groups"]}
   a = {g["group"]: g[measure] for g in after["groups"]}
   keys = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0), b.get(k, 0)))
@@ -339,8 +348,11 @@ def main(argv=None):
       raise SystemExit(f"error: {a.hlo}: cannot read the program text ({e})")
     print(table(report(text, top=max(a.rows, 1)), rows=a.rows))
     return 0
-  print(compare(_traffic_of(a.before), _traffic_of(a.after), a.rows,
-                "padded" if a.hbm else "bytes"))
+  try:
+    print(compare(_traffic_of(a.before), _traffic_of(a.after), a.rows,
+                  "padded" if a.hbm else "bytes"))
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   return 0
 
 
