@@ -47,7 +47,7 @@ def test_named_scopes_in_lowered_step():
   state = train.abstract_train_state(cfg)
   x = jax.ShapeDtypeStruct(video().shape, jnp.float32)
   # Traced with the TPU's forms: a training trace has the guard's one barrier and none of the
-  # norm-input barriers of accelerator inference (`layers.training_forms`).
+  # norm-input barriers of TPU inference (`layers.training_forms`).
   text = jax.jit(step_lib.make_train_step(cfg, platform="tpu")).lower(
       state, {"video": x}).as_text(debug_info=True)
   for scope in ("/optimizer/", "/ema/", "/nonfinite_guard/", "jvp(VidTok.encode)",
