@@ -165,8 +165,9 @@ def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
                      capture_output=True, text=True, timeout=900, cwd=REPO, env=TPU_ENV)
   assert p.returncode == 0, p.stderr[-4000:]
   r = json.loads(out.read_text())
-  kernels = {part: collections.Counter({tuple(k): n for k, n in rows})
-             for part, rows in r["kernels"].items()}
+  kernels, inference = ({part: collections.Counter({tuple(k): n for k, n in rows})
+                         for part, rows in r[key].items()}
+                        for key in ("kernels", "kernels_inference"))
   assert kernels["decoder"][(3, 3, 3, 96, 3)] == 1  # conv_out: conv_by_taps on CPU
   step = r["train_step"]
   # "auto" resolved for the TPU, in the record and in the program alike
@@ -182,7 +183,8 @@ def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
     rec = r[op]["rec"]
     assert (rec["platform"], rec["dtype"], rec["precision"]) == ("tpu", "bfloat16", "default")
     assert r[op]["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
-    assert collections.Counter(tuple(c[0]) for c in r[op]["convs"]) == kernels[part]
+    # per-pixel temporal convs: 5-D convs over the video as it is (TPU inference form)
+    assert collections.Counter(tuple(c[0]) for c in r[op]["convs"]) == inference[part]
     assert all(c[1] == "bf16" for c in r[op]["convs"])
   assert r["v5p_hosts"] == [4] * 16 and r["v5p_space4"] == "ok"
   assert "must divide the 4 devices of each host" in r["v5p_space8"]

@@ -42,9 +42,10 @@ def cpu_only_forms(text: str) -> dict:
   return {s: text.count(s) for s in CPU_ONLY}
 
 
-def conv_kernel_rhs(params) -> collections.Counter:
+def conv_kernel_rhs(params, temporal_5d: bool = False) -> collections.Counter:
   """The rhs shape `conv3d` gives each conv kernel of more than one tap in `params` (a 2-D conv
-  for per-frame `(1, kh, kw)` and per-pixel `(kt, 1, 1)` kernels), counted."""
+  for per-frame `(1, kh, kw)` kernels; per-pixel `(kt, 1, 1)` kernels a 2-D conv, or with
+  `temporal_5d` (TPU inference) a 5-D one with kernel `(1, kt, 1)`), counted."""
   import jax
 
   out = collections.Counter()
@@ -54,7 +55,8 @@ def conv_kernel_rhs(params) -> collections.Counter:
         shape[2] == 1:
       continue
     kt, kh, kw, c, o = shape
-    out[(kt, 1, c, o) if (kh, kw) == (1, 1) else (kh, kw, c, o) if kt == 1 else shape] += 1
+    temporal = (1, kt, 1, c, o) if temporal_5d else (kt, 1, c, o)
+    out[temporal if (kh, kw) == (1, 1) else (kh, kw, c, o) if kt == 1 else shape] += 1
   return out
 
 
@@ -98,6 +100,9 @@ def _probe(out_path):
   params = vidtok_jax.abstract_params(model_cfg)
   res["kernels"] = {part: [[list(k), n] for k, n in conv_kernel_rhs(params[part]).items()]
                     for part in ("encoder", "decoder")}
+  res["kernels_inference"] = {
+      part: [[list(k), n] for k, n in conv_kernel_rhs(params[part], temporal_5d=True).items()]
+      for part in ("encoder", "decoder")}
   for op in ("encode", "decode"):
     lowered, rec = aot.lower_inference(model_cfg, op, devices, shape=(2, 9, 32, 32, 3),
                                        sizes=dict(data=2, fsdp=1, space=2))

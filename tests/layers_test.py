@@ -230,3 +230,52 @@ def test_norm_input_barrier_for_tpu_inference_only(platform, dtype, training, ba
   with layers.lowering_platform(platform):
     got = norm.apply(p, x)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+
+
+@pytest.mark.parametrize("name", ["causalconv1d_constant", "causalconv1d_replicate"])
+def test_causal_temporal_conv_parity_in_the_tpu_inference_form(name):
+  """The TPU inference form of the per-pixel temporal convs (a 5-D conv with W as the batch axis)
+  meets the official fixtures with the same tolerance (run here on CPU)."""
+  ref = Ref(name)
+  module = layers.CausalConv(6, (3, 1, 1), version="v1.0", pad_mode=name.split("_")[1])
+  with layers.lowering_platform("tpu"):
+    y = _run(module, ref)
+  assert max_abs(y, ref.expected("y")) < MODULE_ATOL
+
+
+@pytest.mark.parametrize("platform,training,five_d", [
+    ("tpu", False, True), ("tpu", True, False), ("gpu", False, False), ("cpu", False, False)])
+@pytest.mark.parametrize("padding,strides", [
+    (((2, 0), (0, 0), (0, 0)), (1, 1, 1)), ("VALID", (1, 1, 1)), (((1, 1), (0, 0), (0, 0)), (2, 1, 1))])
+def test_temporal_conv_form_follows_the_platform_and_keeps_values(platform, training, five_d,
+                                                                  padding, strides):
+  """Per-pixel `(kt, 1, 1)` convs: in TPU inference one 5-D conv over the video as it is (W the
+  batch axis, kernel `(1, kt, 1)`); in training traces and on GPU / CPU a 2-D conv over
+  `(T, H*W)`. Values and both gradients equal the 2-D form's."""
+  import contextlib
+
+  from hlo_forms import ops
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 7, 4, 5, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 1, 1, 8, 6)) * 0.3, jnp.float32)
+
+  def loss(x, k):
+    return jnp.sum(jnp.sin(layers.conv3d(x, k, strides, padding, "highest")))
+
+  def traced(f):
+    def g(x, k):
+      ctx = layers.training_forms() if training else contextlib.nullcontext()
+      with layers.lowering_platform(platform), ctx:
+        return f(x, k)
+    return g
+
+  fwd = traced(lambda x, k: layers.conv3d(x, k, strides, padding, "highest"))
+  rhs = [o["rhs"][0] for o in ops(jax.jit(fwd).lower(x, k).as_text(), "convolution")]
+  assert rhs == [(1, 3, 1, 8, 6) if five_d else (3, 1, 8, 6)]
+  reference = lambda x, k: layers.conv3d(x, k, strides, padding, "highest", platform="gpu")
+  np.testing.assert_allclose(fwd(x, k), reference(x, k), rtol=1e-6, atol=1e-6)
+  got = jax.grad(traced(loss), (0, 1))(x, k)
+  want = jax.grad(lambda x, k: jnp.sum(jnp.sin(reference(x, k))), (0, 1))(x, k)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

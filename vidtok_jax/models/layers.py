@@ -85,6 +85,11 @@ class Conv(nn.Module):
     return conv3d(x, kernel, tuple(self.strides), padding, self.precision) + bias
 
 
+# `(B, T, H, W, C)` convs with W as the batch axis and (B, T, H) as the spatial ones (input, kernel
+# `(1, kt, 1, C, O)` and output as `ConvDimensionNumbers` tuples: batch/out, feature/in, spatial).
+_W_BATCH_5D = jax.lax.ConvDimensionNumbers((3, 4, 0, 1, 2), (4, 3, 0, 1, 2), (3, 4, 0, 1, 2))
+
+
 def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
            platform: Optional[str] = None):
   """A 3-D conv `(B, T, H, W, C) * (kt, kh, kw, C, O)`, `padding` "VALID" or per-axis pairs.
@@ -94,8 +99,12 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   over `(T, H*W)` "images": 2-D convs are the best-tuned kernels of cuDNN and XLA:CPU (whose 2-D
   convs are about twice as fast as its 3-D ones; the same sums either way). On CPU a kernel
   with few outputs (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as
-  `conv_by_taps`; accelerators run it as a conv. `platform`: the one the program is lowered
-  for (default `target_platform()`); only "cpu" gets the CPU forms (also `early_weight_grad`).
+  `conv_by_taps`; accelerators run it as a conv. In TPU inference (not in `training_forms()`)
+  a temporal kernel runs instead as one 5-D conv over the video as it is, W the batch axis and
+  kernel `(1, kt, 1)`: no reshape or layout copy around it (v5e, 17x256^2 clip: encode 51.1 ->
+  38.6 GB accessed, decode 87.7 -> 72.3 GB, FLOPs unchanged). `platform`: the one the program
+  is lowered for (default `target_platform()`); only "cpu" gets the CPU forms (also
+  `early_weight_grad`).
   """
   platform = platform or target_platform()
   taps = int(np.prod(kernel.shape[:3]))
@@ -107,9 +116,18 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   if kernel.shape[1:3] == (1, 1) and strides[1:] == (1, 1) and (
       padding == "VALID" or tuple(map(tuple, padding[1:])) == ((0, 0), (0, 0))):
     time_pad = "VALID" if padding == "VALID" else (tuple(padding[0]), (0, 0))
+    temporal_5d = platform == "tpu" and not tracing_for_training()
 
     def time_conv(x, kernel):
       b, t, h, w, c = x.shape
+      if temporal_5d:
+        # The video as it is, `W` the batch and `(B, T, H)` the spatial axes, the kernel
+        # `(1, kt, 1)`: XLA's TPU layouts then need no reshape of H and W or layout copy around
+        # the conv. v5e decode of a 17x256^2 clip: 87.7 -> 72.3 GB accessed, FLOPs unchanged.
+        return jax.lax.conv_general_dilated(
+            x, kernel[None, :, :, 0], window_strides=(1, strides[0], 1),
+            padding="VALID" if time_pad == "VALID" else ((0, 0), time_pad[0], (0, 0)),
+            dimension_numbers=_W_BATCH_5D, precision=precision)
       y = jax.lax.conv_general_dilated(
           x.reshape(b, t, h * w, c), kernel[:, 0], window_strides=(strides[0], 1),
           padding=time_pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
