@@ -303,11 +303,16 @@ def test_bfloat16_compute_runs_close_to_float32():
   assert 0 < err < 0.1 * float(jnp.max(jnp.abs(y32)))
 
 
-@pytest.mark.parametrize("remat", ["convs", "blocks", True])
+def test_remat_true_is_blocks():
+  cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", ch=4, remat=True)
+  assert vidtok_jax.ModelSpec.from_config(cfg).remat == "blocks"
+
+
+@pytest.mark.parametrize("remat", ["convs", "blocks"])
 def test_remat_keeps_params_outputs_and_gradients(tiny_v10, remat):
   model, variables = tiny_v10
   cfg = vidtok_jax.load_config("vidtok_kl_causal_488_4chn", ch=4, remat=remat)
-  assert vidtok_jax.ModelSpec.from_config(cfg).remat == ("blocks" if remat is True else remat)
+  assert vidtok_jax.ModelSpec.from_config(cfg).remat == remat
   rm = vidtok_jax.VidTok(cfg)
   same_tree = jax.tree_util.tree_structure(vidtok_jax.abstract_params(cfg))
   assert same_tree == jax.tree_util.tree_structure(variables["params"])

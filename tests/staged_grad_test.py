@@ -17,8 +17,10 @@ from staged_grad import StagedGrad, most_flops_within  # noqa: E402
 
 
 def tiny(name, dtype="float32", **overrides):
-  cfg = vidtok_jax.load_config(name, **{"ch": 4, "num_res_blocks": 1, "dtype": dtype,
-                                        "param_dtype": dtype, **overrides})
+  """Width 4, one res block, three levels (both temporal downsamplers): every stage compiles
+  as its own program, so the stage count is most of this file's time."""
+  cfg = vidtok_jax.load_config(name, **{"ch": 4, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
+                                        "dtype": dtype, "param_dtype": dtype, **overrides})
   return vidtok_jax.VidTok(cfg), random_params(vidtok_jax.abstract_params(cfg), seed=0)
 
 
@@ -52,18 +54,21 @@ def assert_grads_equal(expected, actual, tol):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("name,frames", [
-    ("vidtok_kl_causal_488_4chn", 9),  # v1.0: the first f-1 decoded frames are dropped
-    ("vidtok_kl_causal_488_4chn_v1_1", 8),  # v1.1: the last T frames are kept
-    ("vidtok_kl_noncausal_488_4chn", 8),
-    ("vidtok_kl_causal_444_4chn", 9),
-    ("vidtok_fsq_causal_488_4096", 9),  # integer indices in aux, entropy loss gradient
+# The staging is the same code for every family (a plan of the model's own modules); these three
+# cover the v1.0 frame drop, the v1.1 streaming-form modules and the FSQ aux outputs. The other
+# families (non-causal, 444) were dropped from this benchmark helper's tests for CI time.
+@pytest.mark.parametrize("name,frames,extra", [
+    ("vidtok_kl_causal_488_4chn", 9, {}),  # v1.0: the first f-1 decoded frames are dropped
+    ("vidtok_kl_causal_488_4chn_v1_1", 8, {}),  # v1.1: the last T frames are kept
+    # integer indices in aux, entropy loss gradient; four levels, as before (at three, a few
+    # encoder gradient entries differ by up to 9e-10, over the tolerance)
+    ("vidtok_fsq_causal_488_4096", 9, dict(ch_mult=(1, 2, 4, 4))),
 ])
-def test_staged_gradient_equals_the_single_program(name, frames):
+def test_staged_gradient_equals_the_single_program(name, frames, extra):
   """In float64 the staged loss and gradient equal the single program's to ~1e-13: the same
   function. (In float32 both are rounded, see the next tests.)"""
   with jax.enable_x64(True):
-    model, params = tiny(name, "float64")
+    model, params = tiny(name, "float64", **extra)
     x = video(frames, dtype=jnp.float64)
     value, grads = program_value_and_grad(model, params, x, step=3)
     staged = StagedGrad(model, loss_fn, residual_budget_mib=0)
