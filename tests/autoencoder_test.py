@@ -373,3 +373,31 @@ def test_init_matches_official_defaults():
     if k.endswith("kernel") and k not in temporal_conv2:
       bound = 1 / np.sqrt(np.prod(v.shape[:-1]))
       assert np.abs(v).max() <= bound and np.abs(v).max() > 0.5 * bound, k
+
+
+@pytest.mark.parametrize("name", ["causal_kl_488_groupnorm", "causal_fsq_488"])
+def test_tpu_inference_forms_meet_the_reference(name):
+  """The program traced for a TPU (its inference forms: one-pass norm statistics, 5-D temporal
+  convs), run here on the CPU, meets the official vectors with the same tolerances."""
+  from vidtok_jax.models.platform import lowering_platform
+
+  ref = Ref(name)
+  cfg = fixture_config(ref)
+  model = vidtok_jax.VidTok(cfg)
+  variables = {"params": vidtok_jax.params_from_torch(ref.params, cfg)}
+  x = jnp.asarray(ncthw_to_nthwc(ref.inputs["x"]))
+
+  @jax.jit
+  def run(variables, x):
+    with lowering_platform("tpu"):
+      raw = model.apply(variables, x, method=lambda m, v: m.encoder(v))
+      z, _ = model.apply(variables, x, method=model.encode)
+      return raw, model.apply(variables, z, method=model.decode)
+
+  from hlo_forms import ops
+
+  kernels = [o["rhs"][0] for o in ops(run.lower(variables, x).as_text(), "convolution")]
+  assert any(len(k) == 5 and k[:3] == (1, 3, 1) for k in kernels), kernels  # the 5-D form
+  raw, dec = run(variables, x)
+  assert_close(nthwc_to_ncthw(raw), ref.expected("z_pre" if model.is_fsq else "moments"))
+  assert_close(nthwc_to_ncthw(dec), ref.out["dec"])
