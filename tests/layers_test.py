@@ -212,7 +212,7 @@ def test_norm_input_barrier_for_tpu_inference_only(platform, dtype, training, ba
   barrier (so XLA cannot fuse the norm's float32 cast into the producing conv, which then wrote
   float32); GPU and CPU programs (not measured there), float32 models and training traces
   (`training_forms`, where it cost more bytes than it saved) have none. The values are the same
-  (on TPU up to the rounding of its one-pass statistics: `test_tpu_norm_statistics_take_one_pass`)."""
+  (on TPU up to the rounding of its one-pass statistics: see the next test)."""
   import contextlib
   norm = layers.normalize("groupnorm", "frame", None, silu=True)
   x = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 64)).astype(dtype)

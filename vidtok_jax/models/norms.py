@@ -49,8 +49,9 @@ class NormCore(nn.Module):
     if acc != x.dtype and target_platform() == "tpu" and not tracing_for_training():
       # Inference on TPU (measured there only; GPU and CPU programs are left as they were):
       # XLA fused the cast below into the conv that produces `x`, which then wrote its whole
-      # output in float32 (twice the bytes) for the norm's three reads. Behind the barrier the conv writes the compute dtype and the cast stays in the
-      # norm's own fusions: HBM bytes of the v5e decode of a 17x128^2 clip 13.2 -> 11.7 GB. In
+      # output in float32 (twice the bytes) for the norm's reads. Behind the barrier the conv
+      # writes the compute dtype and the cast stays in the norm's own fusions: HBM bytes of the
+      # v5e decode of a 17x128^2 clip 13.2 -> 11.7 GB (measured with two-pass statistics). In
       # a train step the barrier (and its transpose in the backward pass) blocked more fusions
       # than it saved: v5e stage-1 step, 2 clips/chip, 176.0 -> 181.5 GB of HBM, so training
       # traces (`training_forms`) do without it. Float32 models never have it.
