@@ -176,7 +176,8 @@ def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
   assert step["config_unchanged"]
   assert step["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
   bf16_convs = collections.Counter(tuple(c[0]) for c in step["convs"] if c[1] == "bf16")
-  assert not (kernels["encoder"] + kernels["decoder"]) - bf16_convs  # each kernel: a conv
+  # each kernel: a conv (the per-pixel temporal ones as 5-D convs, the TPU form)
+  assert not (inference["encoder"] + inference["decoder"]) - bf16_convs
   assert all(set(c[2]) == {"DEFAULT"} for c in step["convs"])
   assert step["dots"] and all(set(d[1]) == {"DEFAULT"} for d in step["dots"])
   for op, part in (("encode", "encoder"), ("decode", "decoder")):

@@ -45,7 +45,7 @@ def cpu_only_forms(text: str) -> dict:
 def conv_kernel_rhs(params, temporal_5d: bool = False) -> collections.Counter:
   """The rhs shape `conv3d` gives each conv kernel of more than one tap in `params` (a 2-D conv
   for per-frame `(1, kh, kw)` kernels; per-pixel `(kt, 1, 1)` kernels a 2-D conv, or with
-  `temporal_5d` (TPU inference) a 5-D one with kernel `(1, kt, 1)`), counted."""
+  `temporal_5d` (TPU) a 5-D one with kernel `(1, kt, 1)`), counted."""
   import jax
 
   out = collections.Counter()

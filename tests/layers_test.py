@@ -289,13 +289,14 @@ def test_causal_temporal_conv_parity_in_the_tpu_inference_form(name):
 
 
 @pytest.mark.parametrize("platform,training,five_d", [
-    ("tpu", False, True), ("tpu", True, False), ("gpu", False, False), ("cpu", False, False)])
+    ("tpu", False, True), ("tpu", True, True), ("gpu", False, False), ("gpu", True, False),
+    ("cpu", False, False)])
 @pytest.mark.parametrize("padding,strides", [
     (((2, 0), (0, 0), (0, 0)), (1, 1, 1)), ("VALID", (1, 1, 1)), (((1, 1), (0, 0), (0, 0)), (2, 1, 1))])
 def test_temporal_conv_form_follows_the_platform_and_keeps_values(platform, training, five_d,
                                                                   padding, strides):
-  """Per-pixel `(kt, 1, 1)` convs: in TPU inference one 5-D conv over the video as it is (W the
-  batch axis, kernel `(1, kt, 1)`); in training traces and on GPU / CPU a 2-D conv over
+  """Per-pixel `(kt, 1, 1)` convs: on TPU (inference and training traces) one 5-D conv over
+  the video as it is (W the batch axis, kernel `(1, kt, 1)`); on GPU / CPU a 2-D conv over
   `(T, H*W)`. Values and both gradients equal the 2-D form's."""
   import contextlib
 

@@ -99,10 +99,11 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   over `(T, H*W)` "images": 2-D convs are the best-tuned kernels of cuDNN and XLA:CPU (whose 2-D
   convs are about twice as fast as its 3-D ones; the same sums either way). On CPU a kernel
   with few outputs (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as
-  `conv_by_taps`; accelerators run it as a conv. In TPU inference (not in `training_forms()`)
-  a temporal kernel runs instead as one 5-D conv over the video as it is, W the batch axis and
-  kernel `(1, kt, 1)`: no reshape or layout copy around it (v5e, 17x256^2 clip: encode 51.1 ->
-  38.6 GB accessed, decode 87.7 -> 72.3 GB, FLOPs unchanged). `platform`: the one the program
+  `conv_by_taps`; accelerators run it as a conv. On TPU (inference and training) a temporal
+  kernel runs instead as one 5-D conv over the video as it is, W the batch axis and kernel
+  `(1, kt, 1)`: no reshape or layout copy around it (v5e, 17x256^2 clip: encode 51.1 -> 38.6 GB
+  accessed, decode 87.7 -> 72.3 GB; stage-1 step, 17x64^2 per chip: 78.5 -> 57.8 GB; FLOPs
+  unchanged). `platform`: the one the program
   is lowered for (default `target_platform()`); only "cpu" gets the CPU forms (also
   `early_weight_grad`).
   """
@@ -116,7 +117,7 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   if kernel.shape[1:3] == (1, 1) and strides[1:] == (1, 1) and (
       padding == "VALID" or tuple(map(tuple, padding[1:])) == ((0, 0), (0, 0))):
     time_pad = "VALID" if padding == "VALID" else (tuple(padding[0]), (0, 0))
-    temporal_5d = platform == "tpu" and not tracing_for_training()
+    temporal_5d = platform == "tpu"
 
     def time_conv(x, kernel):
       b, t, h, w, c = x.shape
