@@ -103,9 +103,8 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   kernel runs instead as one 5-D conv over the video as it is, W the batch axis and kernel
   `(1, kt, 1)`: no reshape or layout copy around it (v5e, 17x256^2 clip: encode 51.1 -> 38.6 GB
   accessed, decode 87.7 -> 72.3 GB; stage-1 step, 17x64^2 per chip: 78.5 -> 57.8 GB; FLOPs
-  unchanged). `platform`: the one the program
-  is lowered for (default `target_platform()`); only "cpu" gets the CPU forms (also
-  `early_weight_grad`).
+  unchanged). `platform`: the one the program is lowered for (default `target_platform()`);
+  only "cpu" gets the CPU forms (also `early_weight_grad`).
   """
   platform = platform or target_platform()
   taps = int(np.prod(kernel.shape[:3]))

@@ -63,7 +63,8 @@ class NormCore(nn.Module):
       # One pass over the activation for both statistics (E[x^2] - E[x]^2 in float32, floored at
       # 0, as flax's `use_fast_variance`): XLA fuses the two sibling reductions into one read,
       # where the two-pass variance needs the mean first and then reads the whole activation
-      # again. v5e encode / decode of a 17x128^2 clip: 12.9 -> 11.5 / 21.9 -> 19.7 GB accessed.
+      # again. v5e encode / decode of a 17x128^2 clip: 12.9 -> 11.5 / 21.9 -> 19.7 GB accessed;
+      # stage-1 step, 17x64^2 per chip: 80.4 -> 78.5 GB (hence in training traces too).
       # Its rounding grows with (mean / std)^2 of a group (float32: ~1e-7 of it, relative);
       # the official vectors are met at the same tolerances (autoencoder_test). Measured and
       # kept out: shifting the data by one of their values per group (the usual cure for that
