@@ -165,9 +165,9 @@ def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
                      capture_output=True, text=True, timeout=900, cwd=REPO, env=TPU_ENV)
   assert p.returncode == 0, p.stderr[-4000:]
   r = json.loads(out.read_text())
-  kernels, inference = ({part: collections.Counter({tuple(k): n for k, n in rows})
-                         for part, rows in r[key].items()}
-                        for key in ("kernels", "kernels_inference"))
+  kernels, training, inference = ({part: collections.Counter({tuple(k): n for k, n in rows})
+                                   for part, rows in r[key].items()}
+                                  for key in ("kernels", "kernels_training", "kernels_inference"))
   assert kernels["decoder"][(3, 3, 3, 96, 3)] == 1  # conv_out: conv_by_taps on CPU
   step = r["train_step"]
   # "auto" resolved for the TPU, in the record and in the program alike
@@ -177,14 +177,15 @@ def test_tpu_programs_lowered_here_are_the_tpus(tmp_path):
   assert step["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
   bf16_convs = collections.Counter(tuple(c[0]) for c in step["convs"] if c[1] == "bf16")
   # each kernel: a conv (the per-pixel temporal ones as 5-D convs, the TPU form)
-  assert not (inference["encoder"] + inference["decoder"]) - bf16_convs
+  assert not (training["encoder"] + training["decoder"]) - bf16_convs
   assert all(set(c[2]) == {"DEFAULT"} for c in step["convs"])
   assert step["dots"] and all(set(d[1]) == {"DEFAULT"} for d in step["dots"])
   for op, part in (("encode", "encoder"), ("decode", "decoder")):
     rec = r[op]["rec"]
     assert (rec["platform"], rec["dtype"], rec["precision"]) == ("tpu", "bfloat16", "default")
     assert r[op]["cpu_only"] == {"conv_by_taps": 0, "tie_to": 0}
-    # per-pixel temporal convs: 5-D convs over the video as it is (TPU inference form)
+    # per-pixel temporal convs: 5-D convs over the video as it is; the temporal upsamplers'
+    # convs folded to 2-D convs over the source frames (TPU inference forms)
     assert collections.Counter(tuple(c[0]) for c in r[op]["convs"]) == inference[part]
     assert all(c[1] == "bf16" for c in r[op]["convs"])
   assert r["v5p_hosts"] == [4] * 16 and r["v5p_space4"] == "ok"

@@ -42,10 +42,13 @@ def cpu_only_forms(text: str) -> dict:
   return {s: text.count(s) for s in CPU_ONLY}
 
 
-def conv_kernel_rhs(params, temporal_5d: bool = False) -> collections.Counter:
+def conv_kernel_rhs(params, temporal_5d: bool = False,
+                    folded_time_up: bool = False) -> collections.Counter:
   """The rhs shape `conv3d` gives each conv kernel of more than one tap in `params` (a 2-D conv
   for per-frame `(1, kh, kw)` kernels; per-pixel `(kt, 1, 1)` kernels a 2-D conv, or with
-  `temporal_5d` (TPU) a 5-D one with kernel `(1, kt, 1)`), counted."""
+  `temporal_5d` (TPU) a 5-D one with kernel `(1, kt, 1)`), counted. `folded_time_up` (TPU
+  inference): the temporal upsamplers' `(3, kh, kw, C, O)` kernels folded to one 2-D conv over two
+  stacked source frames with both output phases, `(kh, kw, 2C, 2O)` (`conv3d_time_repeated`)."""
   import jax
 
   out = collections.Counter()
@@ -55,6 +58,11 @@ def conv_kernel_rhs(params, temporal_5d: bool = False) -> collections.Counter:
         shape[2] == 1:
       continue
     kt, kh, kw, c, o = shape
+    keys = [str(getattr(k, "key", "")) for k in path]
+    if (folded_time_up and kt == 3 and (kh, kw) != (1, 1) and "upsample" in keys
+        and any(k.startswith("up_temporal") for k in keys)):
+      out[(kh, kw, 2 * c, 2 * o)] += 1
+      continue
     temporal = (1, kt, 1, c, o) if temporal_5d else (kt, 1, c, o)
     out[temporal if (kh, kw) == (1, 1) else (kh, kw, c, o) if kt == 1 else shape] += 1
   return out
@@ -100,8 +108,12 @@ def _probe(out_path):
   params = vidtok_jax.abstract_params(model_cfg)
   res["kernels"] = {part: [[list(k), n] for k, n in conv_kernel_rhs(params[part]).items()]
                     for part in ("encoder", "decoder")}
-  res["kernels_inference"] = {
+  res["kernels_training"] = {
       part: [[list(k), n] for k, n in conv_kernel_rhs(params[part], temporal_5d=True).items()]
+      for part in ("encoder", "decoder")}
+  res["kernels_inference"] = {
+      part: [[list(k), n] for k, n in conv_kernel_rhs(params[part], temporal_5d=True,
+                                                       folded_time_up=True).items()]
       for part in ("encoder", "decoder")}
   for op in ("encode", "decode"):
     lowered, rec = aot.lower_inference(model_cfg, op, devices, shape=(2, 9, 32, 32, 3),

@@ -64,8 +64,12 @@ class Conv(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x, padding=None):
-    """`padding` (per-axis pairs) overrides the field for this call (a zero pad of the input)."""
+  def __call__(self, x, padding=None, time_repeat: int = 1):
+    """`padding` (per-axis pairs) overrides the field for this call (a zero pad of the input).
+
+    `time_repeat=2`: the conv of `jnp.repeat(x, 2, axis=1)` (nearest 2x upsampling in time; time
+    padding counted in the upsampled frames), computed from `x` by `conv3d_time_repeated` and
+    returned phase by phase, `(B, T', 2, H', W', O)` (its `phases=True`)."""
     padding = self.padding if padding is None else padding
     fan_in = x.shape[-1] * int(np.prod(self.kernel_size))
     zeros = nn.initializers.zeros_init()
@@ -75,6 +79,9 @@ class Conv(nn.Module):
     bias = self.param("bias", zeros if self.zero_init else torch_bias_init(fan_in),
                       (self.features,), self.param_dtype)
     dtype = self.dtype or x.dtype
+    if time_repeat != 1:  # the kernel's frames are summed before the cast
+      return conv3d_time_repeated(x.astype(dtype), kernel, time_repeat, tuple(self.strides),
+                                  padding, self.precision, phases=True) + bias.astype(dtype)
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
     if padding != "VALID" and all(tuple(p) == (0, 0) for p in padding):
       padding = "VALID"
@@ -152,6 +159,59 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
     return y.reshape(b, t, *y.shape[1:])
 
   return early_weight_grad(frames_conv, platform)(x, kernel)
+
+
+def conv3d_time_repeated(x, kernel, repeat: int = 2, strides=(1, 1, 1), padding="VALID",
+                         precision=None, phases: bool = False):
+  """`conv3d(jnp.repeat(x, repeat, axis=1), kernel, strides, padding)` without the repeat.
+
+  Every upsampled frame is a copy of a source frame, so output phase `p` (frames `repeat*i + p`)
+  is a conv over a few source frames `i + k` whose kernels are sums of the kernel's frames (for
+  `repeat=2`, `kt=3` and 2 frames of causal padding: phase 0 takes `(W0 + W1, W2)` over source
+  frames `(i - 1, i)`, phase 1 `(W0, W1 + W2)`). The source frames `i + k` stacked on channels are
+  one image, and both phases' folded kernels stacked on the outputs make one per-frame 2-D conv,
+  whose output channels are then put back in time. Two thirds of the FLOPs of the conv over the
+  upsampled frames, and on a TPU no 3-D conv, whose lowering pads, slices and relayouts its input
+  several times. Zero time padding only (`padding[0]`, in upsampled frames); time stride 1. The
+  kernel's frames are summed in float32 (or wider), then cast to `x`'s dtype. `phases=True`
+  returns `(B, T', repeat, H', W', O)`, output frame `repeat*i + p` at `[:, i, p]`, for callers
+  that add to it something whose frames repeat too (one fusion instead of a layout copy and a
+  materialised repeat; needs a whole number of output frames per source frame).
+  """
+  kt, kh, kw, c, o = kernel.shape
+  if strides[0] != 1:
+    raise ValueError(f"a time-repeated conv needs a time stride of 1, got {strides[0]}")
+  tpad, spatial = ((0, 0), "VALID") if padding == "VALID" else (
+      tuple(padding[0]), tuple(tuple(p) for p in padding[1:]))
+  b, t = x.shape[:2]
+  n_out = repeat * t + tpad[0] + tpad[1] - kt + 1
+  if n_out < 1:
+    raise ValueError(f"a {kt}-frame kernel over {repeat} x {t} frames (+{tpad} padding) gives no "
+                     "output frame")
+  # Output frame `repeat*i + p` reads upsampled frame `repeat*i + p + d - tpad[0]` for tap `d`:
+  # source frame `i + (p + d - tpad[0]) // repeat`, or a padding zero outside `[0, t)`.
+  shift = lambda p, d: (p + d - tpad[0]) // repeat
+  ks = range(min(shift(0, 0), 0), max(shift(repeat - 1, kt - 1), 0) + 1)
+  wide = kernel.astype(at_least_f32(kernel.dtype))
+  zeros = jnp.zeros_like(wide[0])
+  folded = jnp.stack([jnp.stack([sum((wide[d] for d in range(kt) if shift(p, d) == k), zeros)
+                                 for k in ks]) for p in range(repeat)])  # (repeat, nk, kh, kw, C, O)
+  folded = jnp.transpose(folded, (2, 3, 1, 4, 0, 5)).reshape(kh, kw, len(ks) * c, repeat * o)
+  n_src = -(-n_out // repeat)
+  lo, hi = -ks[0], max(0, ks[-1] + n_src - t)
+  xp = jnp.pad(x, ((0, 0), (lo, hi)) + ((0, 0),) * (x.ndim - 2))
+  stacked = jnp.concatenate([xp[:, lo + k: lo + k + n_src] for k in ks], axis=-1)
+  y = jax.lax.conv_general_dilated(
+      stacked.reshape(b * n_src, *stacked.shape[2:]), folded.astype(x.dtype),
+      window_strides=tuple(strides[1:]), padding=spatial,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+  y = jnp.moveaxis(y.reshape(b, n_src, *y.shape[1:-1], repeat, o), -2, 2)
+  if phases:
+    if n_out != repeat * n_src:
+      raise ValueError(f"phases=True needs {repeat} output frames per source frame, got {n_out} "
+                       f"output frames from {t}")
+    return y
+  return y.reshape(b, repeat * n_src, *y.shape[3:])[:, :n_out]
 
 
 def conv_by_taps(x, kernel, precision=None, platform: Optional[str] = None):
@@ -293,7 +353,10 @@ class CausalConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache] = None, return_cache: bool = False,
-               cache_offset: Optional[int] = None):
+               cache_offset: Optional[int] = None, time_repeat: int = 1):
+    """`time_repeat=2` (whole clips only: no `cache`, no `return_cache`): the conv of
+    `jnp.repeat(x, 2, axis=1)`, computed from `x` and returned phase by phase, `(B, T, 2, H, W,
+    O)` (`Conv`'s `time_repeat`)."""
     kt, kh, kw = self.kernel_size
     _, sh, sw = self.strides
     pt = self.time_pad
@@ -308,6 +371,15 @@ class CausalConv(nn.Module):
     conv = Conv(self.features, tuple(self.kernel_size), tuple(self.strides), "VALID",
                 zero_init=self.zero_init, dtype=self.dtype, param_dtype=self.param_dtype,
                 precision=self.precision, name="conv")
+    if time_repeat != 1:
+      if (cache is not None or return_cache or mode != "constant"
+          or (first_mode != "constant" and pt % time_repeat)):
+        raise ValueError("time_repeat needs a whole clip (no cache), zero spatial padding and, "
+                         "with replicated front frames, a time pad that is a whole number of "
+                         f"source frames (got pad {pt}, repeat {time_repeat})")
+      if first_mode != "constant":  # copies of frame 0: whole source frames in front
+        x, pt = time_pad_front(x, pt // time_repeat, first_mode), 0
+      return conv(x, padding=((pt, 0), hpad, wpad), time_repeat=time_repeat)
     if cache is None and not return_cache and mode == "constant":
       # Zeros in front (v1.0) and around: the conv pads, so no padded copy of x is written.
       tpad = (pt, 0) if first_mode == "constant" else (0, 0)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from vidtok_jax.models.layers import Cache, CausalConv, Conv, at_least_f32
+from vidtok_jax.models.platform import target_platform, tracing_for_training
 
 Dtype = Any
 
@@ -184,6 +185,15 @@ class TimeUpsample(nn.Module):
                                    **kw)(up))
     conv_mod = CausalConv(self.features, (3, 3, 3), version=self.version,
                           cache_offset=self.cache_offset, name="conv", **kw)
+    if (target_platform() == "tpu" and not tracing_for_training() and cache is None
+        and not return_cache and (self.interpolation_mode == "nearest" or self.version == "v1.0")):
+      # The conv of the repeated frames computed from the source frames (`Conv`'s
+      # `time_repeat`), phase by phase, blended with the source frames before the phases are
+      # put in time order: no 3-D conv (whose TPU lowering relayouts its input), no
+      # materialised repeat, two thirds of the FLOPs. v5e decode of a 17x256^2 clip: 65.4 ->
+      # 62.4 GB accessed, 14.69 -> 12.66 TFLOP. Inference only: not measured in a train step.
+      y = _blend(self, x[:, :, None], conv_mod(x, time_repeat=2))
+      return y.reshape(y.shape[0], -1, *y.shape[3:])
     up, interp_cache = self._interpolate(x, None if cache is None else cache["interp"])
     conv_cache_in = None if cache is None else cache["conv"]
     if not return_cache:
