@@ -46,7 +46,8 @@ def conv_kernel_rhs(params, temporal_5d: bool = False,
                     folded_time_up: bool = False) -> collections.Counter:
   """The rhs shape `conv3d` gives each conv kernel of more than one tap in `params` (a 2-D conv
   for per-frame `(1, kh, kw)` kernels; per-pixel `(kt, 1, 1)` kernels a 2-D conv, or with
-  `temporal_5d` (TPU) a 5-D one with kernel `(1, kt, 1)`), counted. `folded_time_up` (TPU
+  `temporal_5d` (TPU) a 5-D one with kernel `(1, kt, 1)`, and on TPU `(kt, kh, kw)` kernels
+  over at most 128 / kt channels one 2-D conv over stacked frames), counted. `folded_time_up` (TPU
   inference): the temporal upsamplers' `(3, kh, kw, C, O)` kernels folded to one 2-D conv over two
   stacked source frames with both output phases, `(kh, kw, 2C, 2O)` (`conv3d_time_repeated`)."""
   import jax
@@ -62,6 +63,9 @@ def conv_kernel_rhs(params, temporal_5d: bool = False,
     if (folded_time_up and kt == 3 and (kh, kw) != (1, 1) and "upsample" in keys
         and any(k.startswith("up_temporal") for k in keys)):
       out[(kh, kw, 2 * c, 2 * o)] += 1
+      continue
+    if temporal_5d and kt > 1 and (kh, kw) != (1, 1) and kt * c <= 128:  # `time_taps_conv`
+      out[(kh, kw, kt * c, o)] += 1
       continue
     temporal = (1, kt, 1, c, o) if temporal_5d else (kt, 1, c, o)
     out[temporal if (kh, kw) == (1, 1) else (kh, kw, c, o) if kt == 1 else shape] += 1

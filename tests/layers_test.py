@@ -87,6 +87,31 @@ def test_time_repeated_conv_is_the_conv_of_the_repeat(kt, pad, frames):
     np.testing.assert_allclose(a, b, atol=5e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kt,st,pad,c", [
+    (3, 1, ((2, 0), (1, 1), (1, 1)), 3), (3, 2, ((1, 0), (1, 1), (1, 1)), 4),
+    (3, 1, "VALID", 3), (2, 1, ((1, 1), (0, 1), (0, 1)), 5)])
+def test_time_taps_conv_is_the_3d_conv(kt, st, pad, c):
+  """`time_taps_conv` (the frames a 3-D conv reads stacked on channels, one 2-D conv) equals the
+  3-D conv, values and both gradients; `conv3d` takes it on TPU for narrow inputs only."""
+  rng = np.random.default_rng(kt + st + c)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 5, c)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kt, 3, 3, c, 6)), jnp.float32)
+  direct = lambda x, k: layers.conv3d(x, k, (st, 1, 1), pad, platform="gpu")
+  stacked = lambda x, k: layers.time_taps_conv(x, k, (st, 1, 1), pad)
+  np.testing.assert_allclose(stacked(x, k), direct(x, k), atol=1e-4, rtol=1e-5)
+  loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), (0, 1))(x, k)
+  for a, b in zip(loss(stacked), loss(direct)):
+    np.testing.assert_allclose(a, b, atol=5e-4, rtol=1e-5)
+  from hlo_forms import ops
+
+  for channels, rank in ((c, 4), (layers.TPU_LANES, 5)):  # kt * 128 channels: the 3-D conv
+    xc = jnp.zeros((1, 7, 6, 5, channels))
+    kc = jnp.zeros((kt, 3, 3, channels, 6))
+    text = jax.jit(lambda x, k: layers.conv3d(x, k, (st, 1, 1), pad, platform="tpu")).lower(
+        xc, kc).as_text()
+    assert [len(o["rhs"][0]) for o in ops(text, "convolution")] == [rank]
+
+
 @pytest.mark.parametrize("name", ["time_up_causal", "v11_time_up_nearest_chunks"])
 def test_time_upsample_tpu_form_meets_the_reference(name):
   """Traced for a TPU, a whole-clip causal nearest `TimeUpsample` takes the conv of its repeated

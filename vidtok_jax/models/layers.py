@@ -106,7 +106,8 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
   over `(T, H*W)` "images": 2-D convs are the best-tuned kernels of cuDNN and XLA:CPU (whose 2-D
   convs are about twice as fast as its 3-D ones; the same sums either way). On CPU a kernel
   with few outputs (taps x outputs <= inputs, e.g. the decoder's 128 -> 3 `conv_out`) runs as
-  `conv_by_taps`; accelerators run it as a conv. On TPU (inference and training) a temporal
+  `conv_by_taps`; accelerators run it as a conv. On TPU a multi-frame kernel over at most
+  `128 / kt` channels runs as `time_taps_conv`. On TPU (inference and training) a temporal
   kernel runs instead as one 5-D conv over the video as it is, W the batch axis and kernel
   `(1, kt, 1)`: no reshape or layout copy around it (v5e, 17x256^2 clip: encode 51.1 -> 38.6 GB
   accessed, decode 87.7 -> 72.3 GB; stage-1 step, 17x64^2 per chip: 78.5 -> 57.8 GB; FLOPs
@@ -141,6 +142,9 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
       return y.reshape(b, y.shape[1], h, w, y.shape[-1])
 
     return early_weight_grad(time_conv, platform)(x, kernel)
+  if (kernel.shape[0] > 1 or strides[0] != 1) and platform == "tpu" and (
+      kernel.shape[0] * kernel.shape[3] <= TPU_LANES):
+    return time_taps_conv(x, kernel, strides, padding, precision)
   if kernel.shape[0] > 1 or strides[0] != 1:
     def conv(x, kernel):
       return jax.lax.conv_general_dilated(
@@ -159,6 +163,40 @@ def conv3d(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None,
     return y.reshape(b, t, *y.shape[1:])
 
   return early_weight_grad(frames_conv, platform)(x, kernel)
+
+
+# A TPU array's minor dimension is padded to a multiple of 128 lanes in HBM (`T(8,128)` tiles).
+TPU_LANES = 128
+
+
+def time_taps_conv(x, kernel, strides=(1, 1, 1), padding="VALID", precision=None):
+  """A 3-D conv as one 2-D conv over frames whose channels are the `kt` input frames it reads.
+
+  Output frame `i` reads input frames `s*i .. s*i + kt - 1` (after the time padding): those
+  frames stacked on channels make one `(H, W, kt*C)` image, and the kernel folded to
+  `(kh, kw, kt*C, O)` gives the same sum with one accumulation. `conv3d` takes it on a TPU when
+  `kt*C` fits in one 128-lane tile (the encoder's `conv_in` over RGB, the decoder's over the
+  latent): there the stacked frames take no more HBM than the input, where XLA's TPU lowering of
+  a 3-D conv relayouts its output three times (v5e encode of a 17x256^2 clip: `conv_in` 2.44 ->
+  1.15 GB accessed, the encode 34.3 -> 33.3 GB). Wider inputs keep the 3-D conv: their stacked
+  copy costs more than the relayouts (all `(kt, 3, 3)` convs stacked: decode 65.4 -> 73.5 GB).
+  """
+  kt, kh, kw, c, o = kernel.shape
+  st = strides[0]
+  tpad, spatial = ((0, 0), "VALID") if padding == "VALID" else (
+      tuple(padding[0]), tuple(tuple(p) for p in padding[1:]))
+  if tpad != (0, 0):
+    x = jnp.pad(x, ((0, 0), tpad) + ((0, 0),) * (x.ndim - 2))
+  b, t = x.shape[:2]
+  n = (t - kt) // st + 1
+  if n < 1:
+    raise ValueError(f"a {kt}-frame kernel needs at least {kt} frames, got {t} (after padding)")
+  stacked = jnp.concatenate([x[:, d: d + st * (n - 1) + 1: st] for d in range(kt)], axis=-1)
+  folded = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o)
+  y = jax.lax.conv_general_dilated(
+      stacked.reshape(b * n, *stacked.shape[2:]), folded, window_strides=tuple(strides[1:]),
+      padding=spatial, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+  return y.reshape(b, n, *y.shape[1:])
 
 
 def conv3d_time_repeated(x, kernel, repeat: int = 2, strides=(1, 1, 1), padding="VALID",
