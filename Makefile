@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PYTEST_ARGS ?=
+# The 25 slowest tests are listed at the end of each leg: CI's time budget is watched by them.
+PYTEST_ARGS ?= --durations=25
 DEMO_OUT ?= demo_out
 DEMO_ARGS ?=
 # `make test-latest` (CI's second leg): Python 3.12 in its own venv $(VENV_LATEST), with the
