@@ -114,8 +114,9 @@ def test_time_taps_conv_is_the_3d_conv(kt, st, pad, c):
 
 @pytest.mark.parametrize("name", ["time_up_causal", "v11_time_up_nearest_chunks"])
 def test_time_upsample_tpu_form_meets_the_reference(name):
-  """Traced for a TPU, a whole-clip causal nearest `TimeUpsample` takes the conv of its repeated
-  frames from the source frames (no 3x3x3 conv in the program) and meets the official vectors."""
+  """Traced for a TPU's inference, a whole-clip causal nearest `TimeUpsample` takes the conv of its
+  repeated frames from the source frames (no 3x3x3 conv in the program) and meets the official
+  vectors; traced for a TPU's training step it keeps the 3-D conv."""
   ref = Ref(name)
   if name == "time_up_causal":
     module = layers.TimeUpsample(6, causal=True, version="v1.0")
@@ -133,8 +134,17 @@ def test_time_upsample_tpu_form_meets_the_reference(name):
 
   from hlo_forms import ops
 
-  kernels = [o["rhs"][0] for o in ops(jax.jit(run).lower(params, x).as_text(), "convolution")]
-  assert kernels and all(len(k) == 4 for k in kernels), kernels  # per-frame 2-D convs only
+  folded = [(3, 3, 12, 12)]  # two stacked source frames of 6 channels -> both phases' outputs
+  assert [o["rhs"][0] for o in ops(jax.jit(run).lower(params, x).as_text(),
+                                   "convolution")] == folded
+
+  def run_training(params, x):  # training traces keep the conv of the repeat (cheaper there)
+    with layers.lowering_platform("tpu"), layers.training_forms():
+      return module.apply(params, x)
+
+  text = jax.jit(run_training).lower(params, x).as_text()
+  assert [o["rhs"][0] for o in ops(text, "convolution")] != folded
+  assert "broadcast_in_dim" in text  # the repeat
   y = jax.jit(run)(params, x)
   expected = ref.expected(key)
   assert max_abs(flax_to_torch_layout(y, expected), expected) < MODULE_ATOL
