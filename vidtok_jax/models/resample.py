@@ -191,7 +191,8 @@ class TimeUpsample(nn.Module):
       # `time_repeat`), phase by phase, blended with the source frames before the phases are
       # put in time order: no 3-D conv (whose TPU lowering relayouts its input), no
       # materialised repeat, two thirds of the FLOPs. v5e decode of a 17x256^2 clip: 65.4 ->
-      # 62.4 GB accessed, 14.69 -> 12.66 TFLOP. Inference only: not measured in a train step.
+      # 62.4 GB accessed, 14.69 -> 12.66 TFLOP. Inference only: in the stage-1 step (v5e,
+      # 17x128^2 per chip) it measured 144.4 -> 148.0 GB, its backward moving more.
       y = _blend(self, x[:, :, None], conv_mod(x, time_repeat=2))
       return y.reshape(y.shape[0], -1, *y.shape[3:])
     up, interp_cache = self._interpolate(x, None if cache is None else cache["interp"])
